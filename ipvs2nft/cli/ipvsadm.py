@@ -1,0 +1,309 @@
+"""The ``ipvsadm``, ``ipvsadm-save`` and ``ipvsadm-restore`` commands.
+
+The only place that prints errors and chooses exit statuses: everything
+below raises typed errors (``ipvs2nft.errors``) carrying ipvsadm's text.
+A command loads what it needs from the store (one service for most
+commands), applies the IPVS rules of ``ipvs.py``, lets the back end change
+the kernel in one transaction, and only then writes the store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ipvs2nft import ipvs, listing
+from ipvs2nft.backend import Backend, open_backend
+from ipvs2nft.errors import Exit, IpvsadmError, KernelError, ListError, PoptError, TryHelp, UsageError
+from ipvs2nft.ipvsadm import cmdline, restore
+from ipvs2nft.ipvsadm.cmdline import Command, Format
+from ipvs2nft.ipvsadm.options import VERSION_LINE
+from ipvs2nft.model import Table
+from ipvs2nft.store import Snapshot, Store
+
+INIT_FAILURE = ("Can't initialize ipvs: {reason}\n"
+                "Are you sure that IP Virtual Server is built in the kernel or as module?")
+
+Mutation = Callable[[Table], Table]
+
+
+@dataclass
+class Session:
+    """One ipvsadm process's view of the table.
+
+    A single command reads only the services it names and commits at once;
+    ``-R`` (``batch``) works on the whole table in memory under the lock and
+    commits once at the end, so the kernel sees one transaction.
+    """
+
+    store: Store
+    backend: Backend
+    batch: bool = False
+    out: list[str] = field(default_factory=list)
+    snapshot: Snapshot | None = None  # batch: what was read
+    table: Table | None = None  # batch: the table as the lines change it
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    # ---------------------------------------------------------- reading
+    def full_table(self) -> Table:
+        if self.batch:
+            return self.table
+        return self.store.read().table
+
+    def find(self, cmd: Command):
+        """The service a listing names (``No such service`` is a list error)."""
+        if self.batch:
+            svc = self.table.find(cmd.service.key)
+        else:
+            svc = self.store.read_services([cmd.service.key]).table.find(cmd.service.key)
+        if svc is None:
+            raise ListError("No such service")
+        return svc
+
+    # ---------------------------------------------------------- changing
+    def mutate(self, keys, change: Mutation) -> None:
+        """Apply ``change`` to the table (``keys``: the services it touches, None = all)."""
+        if self.batch:
+            self.table = change(self.table)
+            return
+        with self.store.locked():
+            old = self.store.read() if keys is None else self.store.read_services(keys)
+            new_table = change(old.table)
+            if new_table is old.table:
+                return
+            self._commit(old, new_table)
+
+    def _commit(self, old: Snapshot, new_table: Table) -> None:
+        prepared = self.store.prepare(old, new_table)
+        self.backend.apply(old.table, prepared.table, full=not old.partial)
+        self.store.write(prepared)
+
+    def begin_batch(self) -> None:
+        self.batch = True
+        self.snapshot = self.store.read()
+        self.table = self.snapshot.table
+
+    def end_batch(self) -> None:
+        if self.table is not self.snapshot.table:
+            self._commit(self.snapshot, self.table)
+        for action in self.after_commit:
+            action()
+
+
+def _list(cmd: Command, session: Session) -> None:
+    fmt = cmd.fmt
+    if "connection" in cmd.options:
+        session.out.append(listing.list_conn(session.backend.connections(session.full_table()), fmt))
+    elif "service-address" in cmd.options:
+        svc = session.find(cmd)
+        session.out.append(listing.list_service(svc, fmt, session.backend.counters()))
+    elif "timeout" in cmd.options:
+        session.out.append(listing.list_timeout(session.full_table()))
+    elif "daemon" in cmd.options:
+        session.out.append(listing.list_daemon(session.full_table()))
+    else:
+        session.out.append(listing.list_all(session.full_table(), fmt, session.backend.counters()))
+
+
+def _zero(cmd: Command, session: Session) -> None:
+    """``-Z``: the service must exist; the counters live in the kernel."""
+    if "service-address" in cmd.options:
+        key = cmd.service.key
+        table = session.table if session.batch else session.store.read_services([key]).table
+        ipvs.check_zero(table, key)
+        services = [table.find(key)]
+    else:
+        services = list(session.full_table().services)
+    if session.batch:
+        session.after_commit.append(lambda: session.backend.zero(services))
+    else:
+        session.backend.zero(services)
+
+
+def execute(cmd: Command, session: Session) -> None:
+    """Carry out one parsed command; raises on failure."""
+    name, key = cmd.name, cmd.service.key
+    if name == "list":
+        _list(cmd, session)
+    elif name == "save":
+        session.out.append(listing.list_all(session.full_table(), Format(numeric=cmd.fmt.numeric),
+                                            rule=True))
+    elif name == "add-service":
+        session.mutate([key], lambda t: ipvs.add_service(t, cmd.service))
+    elif name == "edit-service":
+        session.mutate([key], lambda t: ipvs.edit_service(t, cmd.service))
+    elif name == "delete-service":
+        session.mutate([key], lambda t: ipvs.delete_service(t, key))
+    elif name == "flush":
+        session.mutate(None, ipvs.flush)
+    elif name == "add-server":
+        session.mutate([key], lambda t: ipvs.add_dest(t, key, cmd.dest))
+    elif name == "edit-server":
+        session.mutate([key], lambda t: ipvs.edit_dest(t, key, cmd.dest))
+    elif name == "delete-server":
+        session.mutate([key], lambda t: ipvs.delete_dest(t, key, cmd.dest.key))
+    elif name == "zero":
+        _zero(cmd, session)
+    elif name == "set":
+        session.mutate([], lambda t: ipvs.set_timeouts(t, cmd.timeouts))
+    elif name == "start-daemon":
+        session.mutate(None, lambda t: ipvs.start_daemon(t, cmd.daemon))
+    elif name == "stop-daemon":
+        session.mutate([], lambda t: ipvs.stop_daemon(t, cmd.daemon.state))
+    else:  # pragma: no cover - the parser returns no other command
+        raise UsageError(f"unknown command {name}")
+
+
+def _help(argv0: str) -> str:
+    from ipvs2nft.ipvsadm.help import usage
+
+    return usage(argv0)
+
+
+def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
+    """One ipvsadm invocation (or one -R line).  Returns the exit status of a
+    line that failed in a way -R survives; raises on the fatal ones."""
+    cmd = cmdline.parse(argv, argv0)
+    if cmd.name == "help":
+        session.out.append(_help(argv0))
+        raise Exit(0)
+    if cmd.name == "version":
+        session.out.append(VERSION_LINE + "\n")
+        raise Exit(0)
+    if cmd.name == "restore":
+        if session.batch:
+            raise TryHelp(argv0)  # restore_table() refuses to nest
+        return _restore(argv0, session, stdin.read())
+    execute(cmd, session)
+    return 0
+
+
+def _restore(argv0: str, session: Session, data: bytes, flush_first: bool = False) -> int:
+    """``-R``: each line like its own invocation; kernel and popt errors are
+    reported and skipped, validation errors end the restore; the status is
+    that of the last line.  Committed as one transaction at the end."""
+    with session.store.locked():
+        session.begin_batch()
+        try:
+            if flush_first:
+                session.table = ipvs.flush(session.table)
+            result = 0
+            for words in restore.lines(data):
+                if not words:
+                    continue
+                try:
+                    result = run_line(words, argv0, session, None)
+                except (KernelError, PoptError) as exc:
+                    _stderr(exc.message)
+                    result = 255
+            return result
+        finally:
+            session.end_batch()
+
+
+def _stderr(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def _argv0() -> str:
+    """ipvsadm prints argv[0] in its ``Try`` line.  A Python console script only
+    sees its own path there (the kernel hands the interpreter the script's
+    path), so the base name is used: what a PATH lookup of ``ipvsadm`` shows."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ipvsadm"
+
+
+def _session() -> Session:
+    store = Store()
+    return Session(store=store, backend=open_backend(store))
+
+
+def _init_failure(exc: OSError) -> UsageError:
+    reason = "Permission denied (you must be root)" if isinstance(exc, PermissionError) else os.strerror(
+        exc.errno or 0)
+    return UsageError(INIT_FAILURE.format(reason=reason))
+
+
+def _finish(session: Session | None, status: int) -> int:
+    if session is not None and session.out:
+        try:
+            sys.stdout.write("".join(session.out))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return status
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ipvsadm``."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # die quietly like C when piped to head
+    argv = sys.argv[1:] if argv is None else argv
+    argv0 = _argv0()
+    session = None
+    try:
+        session = _session()
+        if not argv:
+            session.out.append(listing.list_all(session.full_table(), Format()))
+            return _finish(session, 0)
+        stdin = sys.stdin.buffer if sys.stdin else None
+        status = run_line(argv, argv0, session, stdin)
+        return _finish(session, status)
+    except Exit as exc:
+        return _finish(session, exc.status)
+    except IpvsadmError as exc:
+        _finish(session, exc.status)
+        _stderr(exc.message)
+        return exc.status
+    except PermissionError as exc:
+        _finish(session, 2)
+        _stderr(_init_failure(exc).message)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def save_main(argv: list[str] | None = None) -> int:
+    """``ipvsadm-save [-n]``: ``ipvsadm -S``, with the script's own usage text."""
+    argv = sys.argv[1:] if argv is None else argv
+    numeric = False
+    for arg in argv:
+        if arg == "-n":
+            numeric = True
+        elif arg.startswith("-"):
+            name = _argv0() or "ipvsadm-save"
+            sys.stderr.write(f"{name}: Script to save the IPVS table to stdout.\n"
+                             "   With the -n option, prints out the table in numeric format.\n")
+            return 1
+    return main(["-S", "-n"] if numeric else ["-S"])
+
+
+def restore_main(argv: list[str] | None = None) -> int:
+    """``ipvsadm-restore``: drop ``#`` lines, flush, then ``-R`` -- as one
+    transaction here, so the table is never seen empty in between."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    data = sys.stdin.buffer.read() if sys.stdin else b""
+    kept = b"".join(line for line in data.splitlines(keepends=True) if not line.startswith(b"#"))
+    text = kept.rstrip(b"\n") + b"\n"  # "$(grep ...)" then echo: one final newline
+    argv0 = "ipvsadm"
+    session = None
+    try:
+        session = _session()
+        status = _restore(argv0, session, text, flush_first=True)
+        return _finish(session, status)
+    except Exit as exc:
+        return _finish(session, exc.status)
+    except IpvsadmError as exc:
+        _finish(session, exc.status)
+        _stderr(exc.message)
+        return exc.status
+    except PermissionError as exc:
+        _finish(session, 2)
+        _stderr(_init_failure(exc).message)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""What the IPVS kernel code accepts or refuses, applied to the model.
+
+Back-end ids are not IPVS's business: new services and real servers leave
+here with ``sid``/``rid`` 0 and the store gives them ids when it commits.
+
+ipvsadm validates some input itself and leaves the rest to the kernel
+(``net/netfilter/ipvs/ip_vs_ctl.c``); its libipvs then turns the errno into a
+message (``ipvs_strerror``).  Here the kernel is the ``Table``: each operation
+returns the new table or raises ``KernelError`` with the message libipvs would
+print, in the order the kernel checks things.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import replace
+
+from ipvs2nft.errors import KernelError
+from ipvs2nft.model import (
+    NO_SCHEDULER,
+    PERSISTENCE_ENGINES,
+    SCHEDULERS,
+    Dest,
+    Forward,
+    Service,
+    ServiceKey,
+    SyncDaemon,
+    Table,
+    Timeouts,
+)
+from ipvs2nft.netaddr import AF_INET, AF_INET6
+
+# libipvs ipvs_strerror() texts
+SERVICE_EXISTS = "Service already exists"
+SCHED_NOT_FOUND = "Scheduler or persistence engine not found"
+NO_SUCH_SERVICE = "No such service"
+SERVICE_NOT_DEFINED = "Service not defined"
+DEST_EXISTS = "Destination already exists"
+NO_SUCH_DEST = "No such destination"
+DAEMON_RUNNING = "Daemon has already run"
+NO_DAEMON = "No daemon is running"
+EINVAL_TEXT = "Invalid operation.  Possibly wrong module version, address not unicast, ..."
+ERANGE_TEXT = os.strerror(34)  # "Numerical result out of range"
+ENODEV_TEXT = os.strerror(19)  # "No such device"
+
+def _check_scheduler(svc: Service) -> None:
+    if svc.scheduler != NO_SCHEDULER and svc.scheduler not in SCHEDULERS:
+        raise KernelError(SCHED_NOT_FOUND)
+    if svc.pe_name and svc.pe_name not in PERSISTENCE_ENGINES:
+        raise KernelError(SCHED_NOT_FOUND)
+
+
+def add_service(table: Table, svc: Service) -> Table:
+    """``-A``: the identity must be new; then scheduler and pe must exist."""
+    if table.find(svc.key) is not None:
+        raise KernelError(SERVICE_EXISTS)
+    _check_scheduler(svc)
+    return replace(table, services=table.services + (replace(svc, dests=(), sid=0),))
+
+
+def edit_service(table: Table, svc: Service) -> Table:
+    """``-E``: a full replacement of scheduler, flags, timeout, netmask and pe."""
+    old = table.find(svc.key)
+    if old is None:
+        raise KernelError(NO_SUCH_SERVICE)
+    _check_scheduler(svc)
+    new = replace(
+        old,
+        scheduler=svc.scheduler,
+        flags=svc.flags,
+        timeout=svc.timeout,
+        netmask=svc.netmask,
+        pe_name=svc.pe_name,
+    )
+    return table.replace_service(old, new)
+
+
+def delete_service(table: Table, key: ServiceKey) -> Table:
+    """``-D``."""
+    old = table.find(key)
+    if old is None:
+        raise KernelError(NO_SUCH_SERVICE)
+    return replace(table, services=tuple(s for s in table.services if s is not old))
+
+
+def flush(table: Table) -> Table:
+    """``-C``: every service goes; timeouts and sync daemons stay."""
+    return replace(table, services=())
+
+
+def check_zero(table: Table, key: ServiceKey | None) -> None:
+    """``-Z [service]``: only the existence check is a kernel matter."""
+    if key is not None and table.find(key) is None:
+        raise KernelError(NO_SUCH_SERVICE)
+
+
+def _mixed_family(svc: Service, dest: Dest) -> bool:
+    return dest.af != svc.af
+
+
+def _check_dest_family(table: Table, svc: Service, dest: Dest) -> None:
+    # ip_vs_genl_set_cmd: a dest of another family is only for tunnels, and
+    # never while a sync daemon runs (the sync protocol cannot carry it).
+    if _mixed_family(svc, dest):
+        if table.daemons or dest.fwd is not Forward.TUNNEL:
+            raise KernelError(EINVAL_TEXT)
+
+
+def _check_thresholds(dest: Dest) -> None:
+    if dest.weight < 0 or dest.l_threshold > dest.u_threshold:
+        raise KernelError(ERANGE_TEXT)
+
+
+def add_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
+    """``-a``: new real servers go to the head of the list, as the kernel's."""
+    svc = table.find(key)
+    if svc is None:
+        raise KernelError(SERVICE_NOT_DEFINED)
+    _check_dest_family(table, svc, dest)
+    _check_thresholds(dest)
+    if svc.find_dest(dest.key) is not None:
+        raise KernelError(DEST_EXISTS)
+    if not dest_address_usable(dest.addr):
+        raise KernelError(EINVAL_TEXT)
+    new_svc = replace(svc, dests=(replace(dest, rid=0),) + svc.dests)
+    return table.replace_service(svc, new_svc)
+
+
+def edit_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
+    """``-e``: a full replacement of forward method, weight, thresholds, tunnel."""
+    svc = table.find(key)
+    if svc is None:
+        raise KernelError(SERVICE_NOT_DEFINED)
+    _check_dest_family(table, svc, dest)
+    _check_thresholds(dest)
+    old = svc.find_dest(dest.key)
+    if old is None:
+        raise KernelError(NO_SUCH_DEST)
+    new_dest = replace(dest, rid=old.rid)
+    new_svc = replace(svc, dests=tuple(new_dest if d is old else d for d in svc.dests))
+    return table.replace_service(svc, new_svc)
+
+
+def delete_dest(table: Table, key: ServiceKey, dest_key: tuple) -> Table:
+    """``-d``."""
+    svc = table.find(key)
+    if svc is None:
+        raise KernelError(SERVICE_NOT_DEFINED)
+    old = svc.find_dest(dest_key)
+    if old is None:
+        raise KernelError(NO_SUCH_DEST)
+    new_svc = replace(svc, dests=tuple(d for d in svc.dests if d is not old))
+    return table.replace_service(svc, new_svc)
+
+
+def set_timeouts(table: Table, wanted: Timeouts) -> Table:
+    """``--set``: zero keeps the current value."""
+    cur = table.timeouts
+    return replace(
+        table,
+        timeouts=Timeouts(
+            tcp=wanted.tcp or cur.tcp,
+            tcpfin=wanted.tcpfin or cur.tcpfin,
+            udp=wanted.udp or cur.udp,
+        ),
+    )
+
+
+def start_daemon(table: Table, daemon: SyncDaemon) -> Table:
+    """``--start-daemon``: one master and one backup at most.
+
+    Fills in what the kernel's start_sync_thread() fills in, so ``-L --daemon``
+    shows the same: group 224.0.0.81, port 8848, ttl 1 and the message size
+    derived from the interface MTU.
+    """
+    if table.daemon(daemon.state) is not None:
+        raise KernelError(DAEMON_RUNNING)
+    mtu = interface_mtu(daemon.mcast_ifn)
+    if mtu is None:
+        raise KernelError(ENODEV_TEXT)
+    if any(d.af != s.af for s in table.services for d in s.dests):
+        raise KernelError(EINVAL_TEXT)
+    mcast_af = daemon.mcast_af or AF_INET
+    group = daemon.mcast_group or "224.0.0.81"
+    header = 40 + 8 if mcast_af == AF_INET6 else 20 + 8
+    if daemon.state == "backup":
+        mtu, min_len = max(1500, min(mtu, 65535)), 1024
+    else:
+        mtu, min_len = min(mtu, 1500), 1
+    maxlen = daemon.sync_maxlen
+    maxlen = min(max(maxlen, min_len), mtu - header) if maxlen else mtu - header
+    started = replace(
+        daemon,
+        mcast_af=mcast_af,
+        mcast_group=group,
+        mcast_port=daemon.mcast_port or 8848,
+        mcast_ttl=daemon.mcast_ttl or 1,
+        sync_maxlen=maxlen,
+    )
+    daemons = sorted(table.daemons + (started,), key=lambda d: d.state != "master")
+    return replace(table, daemons=tuple(daemons))
+
+
+def stop_daemon(table: Table, state: str) -> Table:
+    """``--stop-daemon``."""
+    if table.daemon(state) is None:
+        raise KernelError(NO_DAEMON)
+    return replace(table, daemons=tuple(d for d in table.daemons if d.state != state))
+
+
+def interface_mtu(name: str) -> int | None:
+    """MTU of a network interface of this namespace, or None if it has none."""
+    try:
+        socket.if_nametoindex(name)
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(f"/sys/class/net/{name}/mtu", encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1500
+
+
+def dest_address_usable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """The kernel's real-server address test (ip_vs_new_dest).
+
+    IPv4: inet_addr_type() must say LOCAL or UNICAST: 0.0.0.0/8,
+    255.255.255.255, multicast and the broadcast addresses of this
+    namespace's interfaces are refused.  IPv6: unicast and not link-local,
+    unless the address is local.
+    """
+    if addr.version == 4:
+        if int(addr) >> 24 == 0 or int(addr) == 0xFFFFFFFF or addr.is_multicast:
+            return False
+        return str(addr) not in _local_broadcasts()
+    if addr.is_unspecified or addr.is_multicast:
+        return False
+    if addr.is_link_local:
+        return _is_local_v6(addr)
+    return True
+
+
+def _local_broadcasts() -> set[str]:
+    """Broadcast entries of the local routing table (/proc/net/fib_trie)."""
+    found: set[str] = set()
+    try:
+        with open("/proc/net/fib_trie", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    last = None
+    for line in lines:
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text[3:].split()[0]
+        elif text.startswith("/32") and text.endswith("BROADCAST") and last:
+            found.add(last)
+    return found
+
+
+def _is_local_v6(addr: ipaddress.IPv6Address) -> bool:
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as f:
+            return any(line.split()[0] == addr.exploded.replace(":", "") for line in f)
+    except OSError:
+        return False

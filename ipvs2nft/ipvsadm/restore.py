@@ -1,0 +1,47 @@
+"""The ``-R`` input stream, split into command lines as ipvsadm splits it.
+
+ipvsadm's config_stream_read() reads tokens with
+``fscanf("%4096[^ \\t\\n\\r]%1[ \\t\\n\\r]")``: no quoting, no comments (``#`` is
+an ordinary word), every word ``ipvsadm`` dropped wherever it stands, CR and
+tab are blanks.  One quirk is kept on purpose: a last line that has no
+newline and ends in two or more blanks is lost (the scanner meets EOF while
+skipping blanks and throws the line away).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+_BLANKS = b" \t\r"
+_MAX_TOKEN = 4096
+
+
+def lines(data: bytes) -> Iterator[list[str]]:
+    """Each line's words, without ``ipvsadm``; blank lines give ``[]``."""
+    pos, end = 0, len(data)
+    words: list[str] = []
+    while pos < end:
+        ch = data[pos:pos + 1]
+        if ch == b"\n":
+            yield words
+            words, pos = [], pos + 1
+            continue
+        if ch in (b" ", b"\t", b"\r"):
+            # fscanf matched nothing: skip blanks one by one; EOF here
+            # discards the words read so far on this line.
+            while pos < end and data[pos:pos + 1] in (b" ", b"\t", b"\r"):
+                pos += 1
+            if pos >= end:
+                return
+            continue
+        stop = pos
+        while stop < end and stop - pos < _MAX_TOKEN and data[stop] not in b" \t\n\r":
+            stop += 1
+        word = data[pos:stop].decode("utf-8", "surrogateescape")
+        if word != "ipvsadm":
+            words.append(word)
+        pos = stop
+        if pos < end and data[pos:pos + 1] in (b" ", b"\t", b"\r"):
+            pos += 1  # the one blank that %1[...] consumes with the word
+    if words:
+        yield words

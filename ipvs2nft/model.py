@@ -1,0 +1,188 @@
+"""The one model every front end produces and every back end consumes.
+
+It mirrors what the IPVS kernel keeps (``struct ip_vs_service`` and
+``ip_vs_dest`` as seen through libipvs), plus the two ids the nftables back end
+needs to name its chains and slots.  Frozen dataclasses: an operation returns a
+new ``Table``; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from ipvs2nft.netaddr import AF_INET, AF_INET6, IPPROTO_TCP, IPAddress
+
+# IP_VS_SVC_F_* from include/uapi/linux/ip_vs.h
+F_PERSISTENT = 0x0001
+F_ONEPACKET = 0x0004
+F_SCHED1 = 0x0008  # sh-fallback / mh-fallback / flag-1
+F_SCHED2 = 0x0010  # sh-port / mh-port / flag-2
+F_SCHED3 = 0x0020  # flag-3
+F_SCHED_MASK = F_SCHED1 | F_SCHED2 | F_SCHED3
+
+DEFAULT_SCHEDULER = "wlc"
+DEFAULT_PERSISTENT_TIMEOUT = 360  # IPVS_SVC_PERSISTENT_TIMEOUT; ipvsadm(8) says 300, wrongly
+MAX_TIMEOUT = 86400 * 31
+NETMASK_V4_HOST = 0xFFFFFFFF
+
+# Schedulers of the Debian 12 kernel (CONFIG_IP_VS_TWOS is not set there).
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh")
+NO_SCHEDULER = "none"  # accepted by the kernel: a service nothing is scheduled to
+PERSISTENCE_ENGINES = ("sip",)
+
+
+class Forward(enum.Enum):
+    """Packet-forwarding method of a real server."""
+
+    MASQ = "masq"  # -m, NAT
+    ROUTE = "route"  # -g, direct routing (ipvsadm's default)
+    TUNNEL = "tunnel"  # -i, IP-in-IP and friends
+
+    @property
+    def listing_name(self) -> str:
+        return {"masq": "Masq", "route": "Route", "tunnel": "Tunnel"}[self.value]
+
+    @property
+    def switch(self) -> str:
+        return {"masq": "-m", "route": "-g", "tunnel": "-i"}[self.value]
+
+
+class TunType(enum.IntEnum):
+    """IP_VS_CONN_F_TUNNEL_TYPE_*."""
+
+    IPIP = 0
+    GUE = 1
+    GRE = 2
+
+
+# IP_VS_TUNNEL_ENCAP_FLAG_*: the value indexes ipvsadm's name tables.
+TUN_NOCSUM = 0
+TUN_CSUM = 1
+TUN_REMCSUM = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Dest:
+    """A real server of one service."""
+
+    addr: IPAddress
+    port: int
+    fwd: Forward = Forward.ROUTE
+    weight: int = 1
+    u_threshold: int = 0
+    l_threshold: int = 0
+    tun_type: TunType = TunType.IPIP
+    tun_port: int = 0
+    tun_flags: int = TUN_NOCSUM
+    rid: int = 0  # back-end id, unique over the store's life; 0 = not stored yet
+
+    @property
+    def af(self) -> int:
+        return AF_INET if self.addr.version == 4 else AF_INET6
+
+    @property
+    def key(self) -> tuple[int, IPAddress, int]:
+        """Identity within a service: (af, addr, port)."""
+        return (self.af, self.addr, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A virtual service: VIP/proto/port or fwmark, plus its real servers."""
+
+    af: int = AF_INET
+    protocol: int = IPPROTO_TCP  # the kernel stores TCP for fwmark services
+    addr: IPAddress | None = None
+    port: int = 0
+    fwmark: int = 0
+    scheduler: str = DEFAULT_SCHEDULER
+    flags: int = 0
+    timeout: int = 0  # persistence timeout, seconds
+    netmask: int = NETMASK_V4_HOST  # IPv4: 32-bit mask; IPv6: prefix length
+    pe_name: str = ""
+    dests: tuple[Dest, ...] = ()  # kernel list order: newest first
+    sid: int = 0  # back-end id: names its chain and its slot block; 0 = not stored
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey.of(self)
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.flags & F_PERSISTENT)
+
+    @property
+    def onepacket(self) -> bool:
+        return bool(self.flags & F_ONEPACKET)
+
+    def find_dest(self, key: tuple[int, IPAddress, int]) -> Dest | None:
+        for dest in self.dests:
+            if dest.key == key:
+                return dest
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """Service identity: (af, fwmark) or (af, protocol, addr, port)."""
+
+    af: int
+    fwmark: int
+    protocol: int
+    addr: IPAddress | None
+    port: int
+
+    @classmethod
+    def of(cls, svc: Service) -> ServiceKey:
+        if svc.fwmark:
+            return cls(svc.af, svc.fwmark, 0, None, 0)
+        return cls(svc.af, 0, svc.protocol, svc.addr, svc.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """``--set tcp tcpfin udp`` (IPVS defaults)."""
+
+    tcp: int = 900
+    tcpfin: int = 120
+    udp: int = 300
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDaemon:
+    """A started connection-synchronisation daemon, as the kernel reports it."""
+
+    state: str  # "master" | "backup"
+    mcast_ifn: str = "eth0"
+    syncid: int = 0
+    sync_maxlen: int = 0
+    mcast_af: int = 0  # 0 = not given
+    mcast_group: str = ""
+    mcast_port: int = 0
+    mcast_ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """Everything ``ipvsadm`` can see: the IPVS table plus global settings."""
+
+    services: tuple[Service, ...] = ()  # creation order stands in for hash order
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    daemons: tuple[SyncDaemon, ...] = ()  # master before backup
+
+    def find(self, key: ServiceKey) -> Service | None:
+        for svc in self.services:
+            if svc.key == key:
+                return svc
+        return None
+
+    def replace_service(self, old: Service, new: Service) -> Table:
+        services = tuple(new if s is old else s for s in self.services)
+        return replace(self, services=services)
+
+    def daemon(self, state: str) -> SyncDaemon | None:
+        for d in self.daemons:
+            if d.state == state:
+                return d
+        return None
