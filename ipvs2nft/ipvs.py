@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 from dataclasses import replace
+
+from ipvs2nft import host, sched
 
 from ipvs2nft.errors import KernelError
 from ipvs2nft.model import (
@@ -57,7 +58,8 @@ def add_service(table: Table, svc: Service) -> Table:
     if table.find(svc.key) is not None:
         raise KernelError(SERVICE_EXISTS)
     _check_scheduler(svc)
-    return replace(table, services=table.services + (replace(svc, dests=(), sid=0),))
+    new = replace(svc, dests=(), sid=0)
+    return replace(table, services=table.services + (replace(new, sched=sched.on_init(new)),))
 
 
 def edit_service(table: Table, svc: Service) -> Table:
@@ -74,6 +76,8 @@ def edit_service(table: Table, svc: Service) -> Table:
         netmask=svc.netmask,
         pe_name=svc.pe_name,
     )
+    if new.scheduler != old.scheduler:  # ip_vs_edit_service binds the new scheduler afresh
+        new = replace(new, sched=sched.on_init(new))
     return table.replace_service(old, new)
 
 
@@ -124,7 +128,8 @@ def add_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
         raise KernelError(DEST_EXISTS)
     if not dest_address_usable(dest.addr):
         raise KernelError(EINVAL_TEXT)
-    new_svc = replace(svc, dests=(replace(dest, rid=0),) + svc.dests)
+    new_svc = replace(svc, dests=(replace(dest, rid=0, last_weight=dest.weight),) + svc.dests)
+    new_svc = replace(new_svc, sched=sched.on_add(new_svc, svc.sched))
     return table.replace_service(svc, new_svc)
 
 
@@ -138,8 +143,11 @@ def edit_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
     old = svc.find_dest(dest.key)
     if old is None:
         raise KernelError(NO_SUCH_DEST)
-    new_dest = replace(dest, rid=old.rid)
+    # __ip_vs_update_dest keeps the latest non-zero weight for mh
+    last = dest.weight if dest.weight != 0 else old.last_weight
+    new_dest = replace(dest, rid=old.rid, last_weight=last)
     new_svc = replace(svc, dests=tuple(new_dest if d is old else d for d in svc.dests))
+    new_svc = replace(new_svc, sched=sched.on_update(new_svc, svc.sched))
     return table.replace_service(svc, new_svc)
 
 
@@ -152,6 +160,7 @@ def delete_dest(table: Table, key: ServiceKey, dest_key: tuple) -> Table:
     if old is None:
         raise KernelError(NO_SUCH_DEST)
     new_svc = replace(svc, dests=tuple(d for d in svc.dests if d is not old))
+    new_svc = replace(new_svc, sched=sched.on_delete(svc, new_svc, old.key, svc.sched))
     return table.replace_service(svc, new_svc)
 
 
@@ -175,13 +184,15 @@ def start_daemon(table: Table, daemon: SyncDaemon) -> Table:
     shows the same: group 224.0.0.81, port 8848, ttl 1 and the message size
     derived from the interface MTU.
     """
-    if table.daemon(daemon.state) is not None:
-        raise KernelError(DAEMON_RUNNING)
-    mtu = interface_mtu(daemon.mcast_ifn)
-    if mtu is None:
-        raise KernelError(ENODEV_TEXT)
+    # Order of ip_vs_genl_new_daemon() and start_sync_thread(): mixed
+    # families, then the interface, then "already running", then sockets.
     if any(d.af != s.af for s in table.services for d in s.dests):
         raise KernelError(EINVAL_TEXT)
+    mtu = host.interface_mtu(daemon.mcast_ifn)
+    if mtu is None:
+        raise KernelError(ENODEV_TEXT)
+    if table.daemon(daemon.state) is not None:
+        raise KernelError(DAEMON_RUNNING)
     mcast_af = daemon.mcast_af or AF_INET
     group = daemon.mcast_group or "224.0.0.81"
     header = 40 + 8 if mcast_af == AF_INET6 else 20 + 8
@@ -199,6 +210,10 @@ def start_daemon(table: Table, daemon: SyncDaemon) -> Table:
         mcast_ttl=daemon.mcast_ttl or 1,
         sync_maxlen=maxlen,
     )
+    failure = host.sync_socket_error(started.state, started.mcast_ifn, started.mcast_af,
+                                     started.mcast_group, started.mcast_port, started.mcast_ttl)
+    if failure is not None:
+        raise KernelError(os.strerror(failure))
     daemons = sorted(table.daemons + (started,), key=lambda d: d.state != "master")
     return replace(table, daemons=tuple(daemons))
 
@@ -210,59 +225,21 @@ def stop_daemon(table: Table, state: str) -> Table:
     return replace(table, daemons=tuple(d for d in table.daemons if d.state != state))
 
 
-def interface_mtu(name: str) -> int | None:
-    """MTU of a network interface of this namespace, or None if it has none."""
-    try:
-        socket.if_nametoindex(name)
-    except (OSError, ValueError):
-        return None
-    try:
-        with open(f"/sys/class/net/{name}/mtu", encoding="ascii") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 1500
-
-
 def dest_address_usable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """The kernel's real-server address test (ip_vs_new_dest).
 
-    IPv4: inet_addr_type() must say LOCAL or UNICAST: 0.0.0.0/8,
+    IPv4: inet_addr_type() must say LOCAL or UNICAST, so 0.0.0.0,
     255.255.255.255, multicast and the broadcast addresses of this
-    namespace's interfaces are refused.  IPv6: unicast and not link-local,
-    unless the address is local.
+    namespace's interfaces are refused (0.0.0.1 and 240.0.0.1 pass on 6.1).
+    IPv6: ipv6_addr_type() must say unicast (not ::, multicast or
+    IPv4-mapped) and not link-local, unless the address is local.
     """
     if addr.version == 4:
-        if int(addr) >> 24 == 0 or int(addr) == 0xFFFFFFFF or addr.is_multicast:
+        if int(addr) in (0, 0xFFFFFFFF) or addr.is_multicast:
             return False
-        return str(addr) not in _local_broadcasts()
-    if addr.is_unspecified or addr.is_multicast:
+        return str(addr) not in host.local_broadcasts()
+    if addr.is_unspecified or addr.is_multicast or addr.ipv4_mapped is not None:
         return False
     if addr.is_link_local:
-        return _is_local_v6(addr)
+        return host.is_local_v6(addr)
     return True
-
-
-def _local_broadcasts() -> set[str]:
-    """Broadcast entries of the local routing table (/proc/net/fib_trie)."""
-    found: set[str] = set()
-    try:
-        with open("/proc/net/fib_trie", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return found
-    last = None
-    for line in lines:
-        text = line.strip()
-        if text.startswith(("|--", "+--")):
-            last = text[3:].split()[0]
-        elif text.startswith("/32") and text.endswith("BROADCAST") and last:
-            found.add(last)
-    return found
-
-
-def _is_local_v6(addr: ipaddress.IPv6Address) -> bool:
-    try:
-        with open("/proc/net/if_inet6", encoding="ascii") as f:
-            return any(line.split()[0] == addr.exploded.replace(":", "") for line in f)
-    except OSError:
-        return False

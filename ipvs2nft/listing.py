@@ -273,9 +273,15 @@ def _dest_rule(svc_name: str, dname: str, dest: Dest) -> str:
     return f"{line} --tun-type ipip"
 
 
+def _name_protocol(svc: Service) -> int:
+    """The protocol ipvsadm looks port names up with.  The kernel reports
+    none for fwmark services, so their real-server ports stay numeric."""
+    return 0 if svc.fwmark else svc.protocol
+
+
 def dest_line(svc: Service, svc_name: str, dest: Dest, fmt: Format, rule: bool,
               counters: Counters) -> str:
-    dname = addrport(dest.addr, dest.port, svc.protocol, fmt.numeric)
+    dname = addrport(dest.addr, dest.port, _name_protocol(svc), fmt.numeric)
     if rule:
         return _dest_rule(svc_name, dname, dest)
     if dest.af != AF_INET6:

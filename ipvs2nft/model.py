@@ -76,6 +76,11 @@ class Dest:
     tun_port: int = 0
     tun_flags: int = TUN_NOCSUM
     rid: int = 0  # back-end id, unique over the store's life; 0 = not stored yet
+    last_weight: int = -1  # the kernel's latest non-zero weight (mh keeps its slots); -1 = weight
+
+    def __post_init__(self) -> None:
+        if self.last_weight < 0:
+            object.__setattr__(self, "last_weight", self.weight)
 
     @property
     def af(self) -> int:
@@ -85,6 +90,22 @@ class Dest:
     def key(self) -> tuple[int, IPAddress, int]:
         """Identity within a service: (af, addr, port)."""
         return (self.af, self.addr, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedState:
+    """The scheduler's own state in the kernel (rr and wrr keep one).
+
+    rr: ``cl`` is the real server used last.  wrr: ip_vs_wrr_mark, ``cl``
+    the current server, ``cw`` the current weight, ``mw`` the maximum
+    weight less (di - 1), ``di`` the gcd of the weights.  ``cl`` None is the
+    list head.
+    """
+
+    cl: tuple | None = None
+    cw: int = 0
+    mw: int = 0
+    di: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +124,7 @@ class Service:
     pe_name: str = ""
     dests: tuple[Dest, ...] = ()  # kernel list order: newest first
     sid: int = 0  # back-end id: names its chain and its slot block; 0 = not stored
+    sched: SchedState = field(default_factory=SchedState)
 
     @property
     def key(self) -> ServiceKey:

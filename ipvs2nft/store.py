@@ -35,7 +35,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from ipvs2nft.errors import LockTimeout, StoreError
-from ipvs2nft.model import Dest, Forward, Service, ServiceKey, SyncDaemon, Table, Timeouts, TunType
+from ipvs2nft.model import (
+    Dest,
+    Forward,
+    SchedState,
+    Service,
+    ServiceKey,
+    SyncDaemon,
+    Table,
+    Timeouts,
+    TunType,
+)
 from ipvs2nft.netaddr import PROTO_NAMES
 
 SCHEMA = "ipvs2nft-state/1"
@@ -69,25 +79,36 @@ def key_text(key: ServiceKey) -> str:
 
 def _dest_row(d: Dest) -> list:
     return [str(d.addr), d.port, d.fwd.value, d.weight, d.u_threshold, d.l_threshold,
-            int(d.tun_type), d.tun_port, d.tun_flags, d.rid]
+            int(d.tun_type), d.tun_port, d.tun_flags, d.rid, d.last_weight]
+
+
+def _sched_row(st: SchedState) -> list:
+    cl = None if st.cl is None else [st.cl[0], str(st.cl[1]), st.cl[2]]
+    return [cl, st.cw, st.mw, st.di]
+
+
+def _sched_of(r: list) -> SchedState:
+    cl = None if r[0] is None else (r[0][0], _ip(r[0][1]), r[0][2])
+    return SchedState(cl, r[1], r[2], r[3])
 
 
 def _service_row(s: Service) -> list:
     return [key_text(s.key), s.sid, s.af, s.protocol, None if s.addr is None else str(s.addr),
             s.port, s.fwmark, s.scheduler, s.flags, s.timeout, s.netmask, s.pe_name,
-            [_dest_row(d) for d in s.dests]]
+            [_dest_row(d) for d in s.dests], _sched_row(s.sched)]
 
 
 _ip = ipaddress.ip_address
 
 
 def _dest_of(r: list) -> Dest:
-    return Dest(_ip(r[0]), r[1], Forward(r[2]), r[3], r[4], r[5], TunType(r[6]), r[7], r[8], r[9])
+    return Dest(_ip(r[0]), r[1], Forward(r[2]), r[3], r[4], r[5], TunType(r[6]), r[7], r[8], r[9],
+                r[10])
 
 
 def _service_of(r: list) -> Service:
     return Service(r[2], r[3], None if r[4] is None else _ip(r[4]), r[5], r[6], r[7], r[8], r[9],
-                   r[10], r[11], tuple(_dest_of(d) for d in r[12]), r[1])
+                   r[10], r[11], tuple(_dest_of(d) for d in r[12]), r[1], _sched_of(r[13]))
 
 
 def _line(svc: Service) -> bytes:

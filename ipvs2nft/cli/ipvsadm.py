@@ -19,6 +19,7 @@ from ipvs2nft import ipvs, listing
 from ipvs2nft.backend import Backend, open_backend
 from ipvs2nft.errors import Exit, IpvsadmError, KernelError, ListError, PoptError, TryHelp, UsageError
 from ipvs2nft.ipvsadm import cmdline, restore
+from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.ipvsadm.cmdline import Command, Format
 from ipvs2nft.ipvsadm.options import VERSION_LINE
 from ipvs2nft.model import Table
@@ -125,36 +126,18 @@ def _zero(cmd: Command, session: Session) -> None:
 
 def execute(cmd: Command, session: Session) -> None:
     """Carry out one parsed command; raises on failure."""
-    name, key = cmd.name, cmd.service.key
-    if name == "list":
+    if cmd.name == "list":
         _list(cmd, session)
-    elif name == "save":
+    elif cmd.name == "save":
         session.out.append(listing.list_all(session.full_table(), Format(numeric=cmd.fmt.numeric),
                                             rule=True))
-    elif name == "add-service":
-        session.mutate([key], lambda t: ipvs.add_service(t, cmd.service))
-    elif name == "edit-service":
-        session.mutate([key], lambda t: ipvs.edit_service(t, cmd.service))
-    elif name == "delete-service":
-        session.mutate([key], lambda t: ipvs.delete_service(t, key))
-    elif name == "flush":
-        session.mutate(None, ipvs.flush)
-    elif name == "add-server":
-        session.mutate([key], lambda t: ipvs.add_dest(t, key, cmd.dest))
-    elif name == "edit-server":
-        session.mutate([key], lambda t: ipvs.edit_dest(t, key, cmd.dest))
-    elif name == "delete-server":
-        session.mutate([key], lambda t: ipvs.delete_dest(t, key, cmd.dest.key))
-    elif name == "zero":
+    elif cmd.name == "zero":
         _zero(cmd, session)
-    elif name == "set":
-        session.mutate([], lambda t: ipvs.set_timeouts(t, cmd.timeouts))
-    elif name == "start-daemon":
-        session.mutate(None, lambda t: ipvs.start_daemon(t, cmd.daemon))
-    elif name == "stop-daemon":
-        session.mutate([], lambda t: ipvs.stop_daemon(t, cmd.daemon.state))
-    else:  # pragma: no cover - the parser returns no other command
-        raise UsageError(f"unknown command {name}")
+    else:
+        change = mutation(cmd)
+        if change is None:  # pragma: no cover - the parser returns no other command
+            raise UsageError(f"unknown command {cmd.name}")
+        session.mutate(*change)
 
 
 def _help(argv0: str) -> str:
