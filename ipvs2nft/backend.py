@@ -18,12 +18,16 @@ class Backend:
 
     name = "none"
 
-    def apply(self, old: Table, new: Table, full: bool) -> None:
-        """Make the kernel follow ``new`` (``old`` is what it follows now).
+    def observe(self, table: Table, services: list[Service]) -> Table:
+        """``table`` with the scheduler state of ``services`` brought up to
+        date with what the kernel scheduled since it was last written."""
+        return table
 
-        ``full``: ``old`` is the whole table; otherwise it holds only the
-        services this change touches.  One transaction; raise BackendError
-        and change nothing if the kernel refuses.
+    def apply(self, old, new) -> None:
+        """Make the kernel follow snapshot ``new`` (it follows ``old`` now).
+
+        A partial snapshot holds only the services the change touches.  One
+        transaction; raise BackendError and change nothing if the kernel refuses.
         """
 
     def counters(self) -> Counters:
@@ -38,7 +42,7 @@ class Backend:
 
 def open_backend(store) -> Backend:
     """The back end named by ``IPVS2NFT_BACKEND`` (``nft`` by default)."""
-    kind = os.environ.get("IPVS2NFT_BACKEND", "none")
+    kind = os.environ.get("IPVS2NFT_BACKEND", "nft")
     if kind == "none":
         return Backend()
     from ipvs2nft.nft.backend import NftBackend

@@ -47,6 +47,7 @@ class Session:
     snapshot: Snapshot | None = None  # batch: what was read
     table: Table | None = None  # batch: the table as the lines change it
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    observed: set = field(default_factory=set)  # services whose scheduler state was read
 
     # ---------------------------------------------------------- reading
     def full_table(self) -> Table:
@@ -68,18 +69,24 @@ class Session:
     def mutate(self, keys, change: Mutation) -> None:
         """Apply ``change`` to the table (``keys``: the services it touches, None = all)."""
         if self.batch:
-            self.table = change(self.table)
+            self.table = change(self._observe(self.table, keys))
             return
         with self.store.locked():
             old = self.store.read() if keys is None else self.store.read_services(keys)
-            new_table = change(old.table)
-            if new_table is old.table:
-                return
-            self._commit(old, new_table)
+            current = self._observe(old.table, keys)
+            self._commit(old, change(current))
+
+    def _observe(self, table: Table, keys) -> Table:
+        """Bring the scheduler state of the touched services up to date, once."""
+        if keys is None:
+            return table
+        fresh = [s for s in table.services if s.key in keys and s.key not in self.observed]
+        self.observed.update(s.key for s in fresh)
+        return self.backend.observe(table, fresh) if fresh else table
 
     def _commit(self, old: Snapshot, new_table: Table) -> None:
         prepared = self.store.prepare(old, new_table)
-        self.backend.apply(old.table, prepared.table, full=not old.partial)
+        self.backend.apply(old, prepared)
         self.store.write(prepared)
 
     def begin_batch(self) -> None:

@@ -1,0 +1,196 @@
+"""A load-balancing lab of network namespaces on this machine.
+
+Topology (one director, N real servers, one client)::
+
+    client ns  198.51.100.2/24, 2001:db8:ffff::2/64 (+ extra client addresses)
+        |  veth
+    director ns  198.51.100.1 | br0 192.168.100.1/24, 2001:db8:100::1/64
+        |  VIPs on lo (192.168.0.40, 2001:db8::40): IPVS needs local VIPs
+        |  bridge br0
+    rsN ns  192.168.100.(10+N)/24, 2001:db8:100::(10+N)/64, default via the director
+
+Every name starts with a unique prefix, so parallel labs never collide, and
+``close`` removes everything (also after a failure).  Traffic only ever goes
+between these namespaces.  Used by ``make demo``, the traffic tests and
+``bench/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIP4 = "192.168.0.40"
+VIP6 = "2001:db8::40"
+CLIENT4 = "198.51.100.2"
+CLIENT6 = "2001:db8:ffff::2"
+
+
+def rs4(i: int) -> str:
+    return f"192.168.100.{10 + i}"
+
+
+def rs6(i: int) -> str:
+    return f"2001:db8:100::{10 + i:x}"
+
+
+def _run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+@dataclass
+class Lab:
+    """The namespaces, their processes, and helpers to drive them."""
+
+    prefix: str
+    servers: int = 3
+    ports_tcp: tuple[int, ...] = (80, 443, 8080)
+    ports_udp: tuple[int, ...] = (53,)
+    clients: int = 4  # client addresses 198.51.100.2 .. (2+clients-1)
+    state_dir: Path | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------ names
+    @property
+    def director(self) -> str:
+        return f"{self.prefix}-dir"
+
+    @property
+    def client(self) -> str:
+        return f"{self.prefix}-cli"
+
+    def rs(self, i: int) -> str:
+        return f"{self.prefix}-rs{i}"
+
+    def client_addresses(self) -> list[str]:
+        return [f"198.51.100.{2 + i}" for i in range(self.clients)]
+
+    # ------------------------------------------------------------ building
+    def ns(self, name: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run(["ip", "netns", "exec", name, *cmd], check=check)
+
+    def sh(self, name: str, script: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.ns(name, "sh", "-ec", script, check=check)
+
+    def _netns(self, name: str) -> None:
+        _run(["ip", "netns", "add", name])
+        self.created.append(name)
+        self.sh(name, "ip link set lo up; sysctl -qw net.ipv6.conf.all.accept_dad=0 "
+                      "net.ipv6.conf.default.accept_dad=0")
+
+    def build(self) -> Lab:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        d, c = self.director, self.client
+        for name in (d, c, *(self.rs(i) for i in range(self.servers))):
+            self._netns(name)
+        # client <-> director
+        _run(["ip", "-n", d, "link", "add", "cli0", "type", "veth", "peer", "name", "eth0", "netns", c])
+        caddrs = "".join(f"ip addr add {a}/24 dev eth0; " for a in self.client_addresses())
+        self.sh(c, f"{caddrs} ip addr add {CLIENT6}/64 dev eth0 nodad; ip link set eth0 up; "
+                   f"ip route add default via 198.51.100.1 src {CLIENT4}; "
+                   f"ip -6 route add default via 2001:db8:ffff::1")
+        self.sh(d, "ip addr add 198.51.100.1/24 dev cli0; ip addr add 2001:db8:ffff::1/64 dev cli0 nodad; "
+                   "ip link set cli0 up; ip link add br0 type bridge; "
+                   "ip addr add 192.168.100.1/24 dev br0; ip addr add 2001:db8:100::1/64 dev br0 nodad; "
+                   "ip link set br0 up; "
+                   f"ip addr add {VIP4}/32 dev lo; ip addr add {VIP6}/128 dev lo; "
+                   "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+        for i in range(self.servers):
+            r = self.rs(i)
+            _run(["ip", "-n", d, "link", "add", f"rs{i}", "type", "veth", "peer", "name", "eth0", "netns", r])
+            self.sh(d, f"ip link set rs{i} master br0; ip link set rs{i} up")
+            self.sh(r, f"ip addr add {rs4(i)}/24 dev eth0; ip addr add {rs6(i)}/64 dev eth0 nodad; "
+                       "ip link set eth0 up; ip route add default via 192.168.100.1; "
+                       "ip -6 route add default via 2001:db8:100::1")
+            self.start_server(i)
+        self._wait_ready()
+
+    def start_server(self, i: int) -> None:
+        tcp = ",".join(map(str, self.ports_tcp))
+        udp = ",".join(map(str, self.ports_udp))
+        cmd = ["ip", "netns", "exec", self.rs(i), sys.executable, "-m", "ipvs2nft.labnode", "serve",
+               "--name", rs4(i), "--tcp", tcp, "--udp", udp]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.procs.append(p)
+
+    def _wait_ready(self) -> None:
+        for p in self.procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError("a lab server did not start")
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+        for name in reversed(self.created):
+            _run(["ip", "netns", "del", name], check=False)
+        self.created.clear()
+
+    def __enter__(self) -> Lab:
+        return self.build()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ driving
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.state_dir is not None:
+            env["IPVS2NFT_STATE"] = str(self.state_dir / "state.json")
+        env["IPVS2NFT_BACKEND"] = "nft"
+        return env
+
+    def ipvsadm(self, args: str | list[str], stdin: str | None = None, check: bool = True,
+                prog: str = "ipvsadm") -> subprocess.CompletedProcess:
+        """Run our ipvsadm inside the director namespace."""
+        argv = shlex.split(args) if isinstance(args, str) else list(args)
+        exe = str(Path(sys.executable).parent / prog)
+        p = subprocess.run(["ip", "netns", "exec", self.director, exe, *argv], input=stdin, text=True,
+                           capture_output=True, env=self.env())
+        if check and p.returncode != 0:
+            raise AssertionError(f"ipvsadm {args} failed ({p.returncode}): {p.stderr}")
+        return p
+
+    def connect(self, host: str, port: int, count: int, proto: str = "tcp", sources: list[str] = (),
+                timeout: float = 2.0, sport: int | None = None, ns: str | None = None) -> list[dict]:
+        """Sequential connections from the client namespace; one dict each."""
+        cmd = [sys.executable, "-m", "ipvs2nft.labnode", "connect", host, str(port), str(count),
+               "--proto", proto, "--timeout", str(timeout), "--from", ",".join(sources)]
+        if sport:
+            cmd += ["--sport", str(sport)]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        p = subprocess.run(["ip", "netns", "exec", ns or self.client, *cmd], capture_output=True,
+                           text=True, env=env, timeout=count * (timeout + 1) + 10)
+        return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+    def backends(self, host: str, port: int, count: int, **kw) -> list[str | None]:
+        return [r["backend"] for r in self.connect(host, port, count, **kw)]
+
+    def nft(self, *args: str) -> str:
+        return self.ns(self.director, "nft", *args).stdout
+
+
+def unique_prefix(tag: str = "i2n") -> str:
+    """Short (interface and namespace names are limited) and unique per run."""
+    return f"{tag}{os.getpid() % 100000}{int(time.monotonic() * 1000) % 10000}"

@@ -1,0 +1,162 @@
+"""The two programs a traffic lab runs inside its namespaces.
+
+``serve``: a real server that answers every TCP connection and every UDP
+datagram on the given ports with its own name (one line), on IPv4 and IPv6.
+``connect``: a client that opens connections one after another (like the
+oracle's ``@connect``) and prints, per connection, which server answered, as
+JSON lines.  Standard library only, so they run in any namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+
+class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class _TCP6(_TCP):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+class _UDP(socketserver.ThreadingMixIn, socketserver.UDPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class _UDP6(_UDP):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: list[int]) -> None:
+    reply = (name + "\n").encode()
+
+    class TcpHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                self.request.sendall(reply)
+            except OSError:
+                pass
+
+    class UdpHandler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            _, sock = self.request
+            try:
+                sock.sendto(reply, self.client_address)
+            except OSError:
+                pass
+
+    servers = []
+    for port in tcp_ports:
+        servers += [_TCP(("0.0.0.0", port), TcpHandler), _TCP6(("::", port), TcpHandler)]
+    for port in udp_ports:
+        servers += [_UDP(("0.0.0.0", port), UdpHandler), _UDP6(("::", port), UdpHandler)]
+    for port in sctp_ports:
+        threading.Thread(target=_sctp_server, args=(port, reply), daemon=True).start()
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        time.sleep(3600)
+
+
+def _sctp_server(port: int, reply: bytes) -> None:
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+    except OSError:
+        return  # no SCTP in this kernel
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(64)
+    while True:
+        conn, _ = s.accept()
+        try:
+            conn.sendall(reply)
+        finally:
+            conn.close()
+
+
+def connect(host: str, port: int, count: int, proto: str, timeout: float, sources: list[str],
+            sport: int | None) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for i in range(count):
+        src = sources[i % len(sources)] if sources else None
+        started = time.monotonic()
+        answer, error = None, None
+        try:
+            answer = _one(family, host, port, proto, timeout, src, sport)
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+        print(json.dumps({"i": i, "source": src, "backend": answer, "error": error,
+                          "ms": round((time.monotonic() - started) * 1000, 1)}), flush=True)
+
+
+def _one(family, host, port, proto, timeout, src, sport) -> str | None:
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    number = socket.IPPROTO_SCTP if proto == "sctp" else 0
+    with socket.socket(family, kind, number) as s:
+        s.settimeout(timeout)
+        if src or sport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((src or ("::" if family == socket.AF_INET6 else "0.0.0.0"), sport or 0))
+        if proto == "udp":
+            s.connect((host, port))
+            s.send(b"hello\n")
+            return s.recv(200).decode().strip() or None
+        s.connect((host, port))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(200)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode().strip() or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m ipvs2nft.labnode")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sv = sub.add_parser("serve")
+    sv.add_argument("--name", required=True)
+    sv.add_argument("--tcp", default="")
+    sv.add_argument("--udp", default="")
+    sv.add_argument("--sctp", default="")
+    cn = sub.add_parser("connect")
+    cn.add_argument("host")
+    cn.add_argument("port", type=int)
+    cn.add_argument("count", type=int)
+    cn.add_argument("--proto", default="tcp", choices=("tcp", "udp", "sctp"))
+    cn.add_argument("--timeout", type=float, default=2.0)
+    cn.add_argument("--from", dest="sources", default="")
+    cn.add_argument("--sport", type=int)
+    args = ap.parse_args(argv)
+    ports = lambda text: [int(p) for p in text.split(",") if p]  # noqa: E731
+    if args.cmd == "serve":
+        serve(args.name, ports(args.tcp), ports(args.udp), ports(args.sctp))
+    else:
+        connect(args.host, args.port, args.count, args.proto, args.timeout,
+                [s for s in args.sources.split(",") if s], args.sport)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

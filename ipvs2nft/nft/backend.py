@@ -1,0 +1,144 @@
+"""The nftables back end: the only module that imports ``nftables``.
+
+Each ipvsadm command becomes one libnftables call, which the kernel applies
+as one transaction -- all of it or none.  The call is incremental (only the
+services the command touched), guarded by the generation swap of
+``build.incremental``; if the kernel table is not what the store says
+(someone ran ``nft flush ruleset``, a crash came between the kernel and the
+store), the table is rebuilt from the store in one transaction instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from ipvs2nft import sched
+from ipvs2nft.backend import Backend
+from ipvs2nft.errors import BackendError
+from ipvs2nft.model import Service, Table
+from ipvs2nft.nft import build
+
+MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
+                   "(Debian: apt-get install python3-nftables)")
+
+
+class Nft:
+    """One libnftables context, (rc, out, err) turned into exceptions."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables
+        except ImportError:
+            raise BackendError(MISSING_BINDING) from None
+        try:
+            self._ctx = nftables.Nftables()
+        except OSError as exc:
+            raise BackendError(f"ipvs2nft: libnftables cannot be loaded ({exc}); "
+                               "install the nftables package") from None
+        self._ctx.set_handle_output(False)
+
+    def run(self, text: str) -> None:
+        rc, _, err = self._ctx.cmd(text)
+        if rc != 0:
+            raise BackendError(_first_error(err) or f"nft failed with status {rc}")
+
+    def check(self, text: str) -> None:
+        """Kernel validation without committing (nft -c)."""
+        self._ctx.set_dry_run(True)
+        try:
+            self.run(text)
+        finally:
+            self._ctx.set_dry_run(False)
+
+    def json(self, text: str) -> dict | None:
+        self._ctx.set_json_output(True)
+        try:
+            rc, out, _ = self._ctx.cmd(text)
+        finally:
+            self._ctx.set_json_output(False)
+        if rc != 0 or not out:
+            return None
+        return json.loads(out)
+
+
+def _first_error(err: str) -> str:
+    for line in (err or "").splitlines():
+        if "Error:" in line:
+            return "ipvs2nft: nftables refused the change: " + line.split("Error:", 1)[1].strip()
+    return (err or "").strip()
+
+
+class NftBackend(Backend):
+    """Programs ``table inet ipvs2nft`` from the model."""
+
+    name = "nft"
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self._nft: Nft | None = None
+
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft()
+        return self._nft
+
+    # ------------------------------------------------------------ scheduler state
+    def observe(self, table: Table, services: list[Service]) -> Table:
+        """Advance rr/wrr state by the connections the kernel scheduled since
+        the service's chain was last written (the counter of its numgen rule)."""
+        for svc in services:
+            if not sched.is_sequence(svc) or not svc.sid:
+                continue
+            picks = self._scheduled(svc)
+            if picks:
+                new = replace(svc, sched=sched.advance(svc, svc.sched, picks))
+                table = table.replace_service(svc, new)
+        return table
+
+    def _scheduled(self, svc: Service) -> int:
+        data = self.nft.json(f"list chain {build.TABLE} {build.svc_chain(svc)}")
+        for item in (data or {}).get("nftables", []):
+            rule = item.get("rule")
+            if not rule:
+                continue
+            exprs = rule.get("expr", [])
+            if any("vmap" in e and "numgen" in json.dumps(e["vmap"].get("key")) for e in exprs):
+                for e in exprs:
+                    if "counter" in e:
+                        return int(e["counter"].get("packets", 0))
+        return 0
+
+    # ------------------------------------------------------------ applying
+    def apply(self, old, new) -> None:
+        """Take the kernel from snapshot ``old`` to snapshot ``new``."""
+        script = build.incremental(old.table.services, new.table.services, old.table.timeouts,
+                                   new.table.timeouts, old.generation, new.generation)
+        if script is not None:
+            try:
+                self.nft.run(script.text())
+                return
+            except BackendError:
+                pass  # the kernel table is not what the store says: rebuild it
+        self.rebuild(self._whole(old, new), new.generation)
+
+    def _whole(self, old, new) -> Table:
+        """The full table after the change.  A partial snapshot holds only
+        the services the command touched; the rest come from the store."""
+        if not new.partial:
+            return new.table
+        changed = {s.key: s for s in new.table.services}
+        touched = {s.key for s in old.table.services} | set(changed)
+        services = []
+        for svc in self.store.read().table.services:
+            if svc.key in changed:
+                services.append(changed.pop(svc.key))
+            elif svc.key not in touched:
+                services.append(svc)
+        services.extend(changed.values())
+        return replace(new.table, services=tuple(services))
+
+    def rebuild(self, table: Table, generation: int) -> None:
+        """Replace our table as a whole (one transaction)."""
+        self.nft.run(build.full(table, generation).text())

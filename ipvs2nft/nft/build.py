@@ -1,0 +1,344 @@
+"""The model as an nftables ruleset: pure, deterministic, text out.
+
+Everything lives in one table, ``inet ipvs2nft``, that nothing else touches
+and that touches nothing else.  Its shape keeps the number of sets and maps
+constant, whatever the number of services (one anonymous map per service
+makes a 10,000-service load quadratic: ../shared/reference/nftables-at-scale.md):
+
+* ``dispatch`` (jumped to from the nat prerouting and output hooks) does
+  one verdict-map lookup, in IPVS's order: fwmark (``fwm4``/``fwm6`` on the
+  packet mark), then address.protocol.port (``svc4``/``svc6``), then the
+  port-0 services (``svc4p0``/``svc6p0``).  Each element jumps to the
+  service's chain ``svc_<sid>``.
+* ``svc_<sid>`` tries persistence, then picks a slot: ``numgen inc`` (rr,
+  wrr and the approximated schedulers) or ``jhash`` (sh, dh, mh) into the
+  shared verdict map ``slots``; service ``sid`` owns slots
+  ``sid*65536 ...``.  No slot: ``unreachable`` answers ICMP port
+  unreachable, as IPVS does when no real server is available.
+* ``rs_<rid>`` per real server: persistence learning, connection timeouts,
+  then the forwarding (dnat for masquerading).
+* persistence: one dynamic set per family keyed ``client-net . rid``.  The
+  lookup in ``svc_<sid>`` needs the rid as a constant inside the key, which
+  nft 1.0.6 cannot type; ``meta mark & 0x0 | <rid>`` is a typed expression
+  with that constant value (it reads the mark and discards it).
+* ``gen`` holds the store's generation.  Every incremental transaction
+  deletes the generation it expects and adds the new one, so a table that
+  drifted (flushed, deleted, left behind by a crash) makes it fail as a
+  whole, and the back end rebuilds from the store instead.
+
+Names are generated (``svc_12``, ``rs_40``) and every value is an address,
+number or name this program formatted itself, so no user text reaches nft.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ipvs2nft import sched
+from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
+from ipvs2nft.netaddr import AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
+
+TABLE = "inet ipvs2nft"
+SLOT_BLOCK = 65536
+PERSIST_SIZE = 1048576
+# IPVS works at LOCAL_IN, after prerouting NAT: a VIP that another table
+# already DNATs never reaches it.  One past dstnat keeps that order.
+NAT_PRIORITY = "-99"  # dstnat (-100) + 1; the name dstnat is not valid on the output hook
+L4 = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_SCTP: "sctp"}
+
+
+@dataclass
+class Script:
+    """An nft script being written, with the warnings met on the way."""
+
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in self.lines)
+
+
+# ---------------------------------------------------------------- names
+
+def svc_chain(svc: Service) -> str:
+    return f"svc_{svc.sid}"
+
+
+def rs_chain(dest: Dest) -> str:
+    return f"rs_{dest.rid}"
+
+
+def slot_base(svc: Service) -> int:
+    return svc.sid * SLOT_BLOCK
+
+
+def _v6(svc: Service) -> bool:
+    return svc.af == AF_INET6
+
+
+def _ip(svc: Service) -> str:
+    return "ip6" if _v6(svc) else "ip"
+
+
+# ---------------------------------------------------------------- skeleton
+
+def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
+    """The table and its fixed objects (``add`` commands: idempotent)."""
+    s = script.add
+    s(f"add table {TABLE}")
+    s(f"add map {TABLE} svc4 {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
+    s(f"add map {TABLE} svc6 {{ type ipv6_addr . inet_proto . inet_service : verdict; }}")
+    s(f"add map {TABLE} svc4p0 {{ type ipv4_addr . inet_proto : verdict; }}")
+    s(f"add map {TABLE} svc6p0 {{ type ipv6_addr . inet_proto : verdict; }}")
+    s(f"add map {TABLE} fwm4 {{ type mark : verdict; }}")
+    s(f"add map {TABLE} fwm6 {{ type mark : verdict; }}")
+    # typeof numgen: the key is a plain 32-bit integer that numgen and jhash
+    # both produce (a `typeof jhash` map crashes `nft list` on 1.0.6).
+    s(f"add map {TABLE} slots {{ typeof numgen inc mod 2 : verdict; }}")
+    for fam, addr in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        s(f"add set {TABLE} persist{fam} {{ type {addr} . mark; flags dynamic,timeout; "
+          f"size {PERSIST_SIZE}; }}")
+    s(f"add set {TABLE} gen {{ type mark; }}")
+    ct_timeouts(script, timeouts)
+    s(f"add chain {TABLE} unreachable")
+    s(f"add rule {TABLE} unreachable reject with icmpx type port-unreachable")
+    s(f"add chain {TABLE} dispatch")
+    s(f"add rule {TABLE} dispatch meta nfproto ipv4 meta l4proto {{ tcp, udp, sctp }} meta mark vmap @fwm4")
+    s(f"add rule {TABLE} dispatch meta nfproto ipv6 meta l4proto {{ tcp, udp, sctp }} meta mark vmap @fwm6")
+    s(f"add rule {TABLE} dispatch ip daddr . meta l4proto . th dport vmap @svc4")
+    s(f"add rule {TABLE} dispatch ip6 daddr . meta l4proto . th dport vmap @svc6")
+    s(f"add rule {TABLE} dispatch ip daddr . meta l4proto vmap @svc4p0")
+    s(f"add rule {TABLE} dispatch ip6 daddr . meta l4proto vmap @svc6p0")
+    s(f"add chain {TABLE} prerouting {{ type nat hook prerouting priority {NAT_PRIORITY}; policy accept; }}")
+    s(f"add rule {TABLE} prerouting jump dispatch")
+    s(f"add chain {TABLE} output {{ type nat hook output priority {NAT_PRIORITY}; policy accept; }}")
+    s(f"add rule {TABLE} output jump dispatch")
+    s(f"add element {TABLE} gen {{ {generation} }}")
+
+
+def ct_timeouts(script: Script, t: Timeouts) -> None:
+    """``--set tcp tcpfin udp`` as conntrack timeout policies that only the
+    connections of this table use (not host-wide sysctls)."""
+    for fam, l3 in (("4", "ip"), ("6", "ip6")):
+        script.add(f"add ct timeout {TABLE} tcp{fam} {{ protocol tcp; l3proto {l3}; "
+                   f"policy = {{ established: {t.tcp}, fin_wait: {t.tcpfin} }}; }}")
+        script.add(f"add ct timeout {TABLE} udp{fam} {{ protocol udp; l3proto {l3}; "
+                   f"policy = {{ unreplied: {t.udp}, replied: {t.udp} }}; }}")
+
+
+# ---------------------------------------------------------------- per service
+
+def _dispatch_key(svc: Service) -> tuple[str, str]:
+    """(map name, element key) of the service in the dispatch maps."""
+    fam = "6" if _v6(svc) else "4"
+    if svc.fwmark:
+        return f"fwm{fam}", f"{svc.fwmark:#010x}"
+    addr = str(svc.addr)
+    proto = L4[svc.protocol]
+    if svc.port == 0:
+        return f"svc{fam}p0", f"{addr} . {proto}"
+    return f"svc{fam}", f"{addr} . {proto} . {svc.port}"
+
+
+def _client_key(svc: Service) -> str:
+    """The persistence granularity: the client address under -M."""
+    if _v6(svc):
+        mask = ipaddress.IPv6Network(f"::/{svc.netmask}").netmask
+        return f"ip6 saddr & {mask}" if svc.netmask != 128 else "ip6 saddr"
+    mask = ipaddress.IPv4Address(svc.netmask)
+    return f"ip saddr & {mask}" if svc.netmask != 0xFFFFFFFF else "ip saddr"
+
+
+def _client_family(svc: Service) -> str:
+    return "6" if _v6(svc) else "4"
+
+
+def _scheduler_rule(svc: Service, slots: sched.Slots) -> str | None:
+    if not slots.table:
+        return None
+    n, base, ip = len(slots.table), slot_base(svc), _ip(svc)
+    if slots.hash is None:
+        return f"counter numgen inc mod {n} offset {base} vmap @slots"
+    keys = {"saddr": f"{ip} saddr", "saddr+sport": f"{ip} saddr . th sport", "daddr": f"{ip} daddr"}
+    return f"jhash {keys[slots.hash]} mod {n} seed {svc.sid:#x} offset {base} vmap @slots"
+
+
+def service_chain(script: Script, svc: Service, slots: sched.Slots) -> None:
+    """Rules of ``svc_<sid>`` (the chain itself must exist and be empty)."""
+    chain = svc_chain(svc)
+    if svc.persistent:
+        key, fam = _client_key(svc), _client_family(svc)
+        for d in svc.dests:  # kernel list order, newest first
+            script.add(f"add rule {TABLE} {chain} {key} . meta mark & 0x0 | {d.rid:#010x} "
+                       f"@persist{fam} goto {rs_chain(d)}")
+    rule = _scheduler_rule(svc, slots)
+    if rule:
+        script.add(f"add rule {TABLE} {chain} {rule}")
+    script.add(f"add rule {TABLE} {chain} goto unreachable")
+
+
+def slot_elements(svc: Service, slots: sched.Slots) -> list[str]:
+    base = slot_base(svc)
+    return [f"{base + i} : goto {rs_chain(d)}" for i, d in enumerate(slots.table) if d is not None]
+
+
+def _dnat(svc: Service, dest: Dest) -> list[str]:
+    """Masquerading: dnat to the real server (port 0 keeps the packet's port)."""
+    fam = "ip6" if dest.af == AF_INET6 else "ip"
+    addr = f"[{dest.addr}]" if fam == "ip6" and dest.port else str(dest.addr)
+    if not dest.port:
+        return [f"dnat {fam} to {addr}"]
+    if svc.fwmark:  # any of the three protocols may carry the mark
+        return [f"meta l4proto {p} dnat {fam} to {addr}:{dest.port}" for p in ("tcp", "udp", "sctp")]
+    return [f"meta l4proto {L4[svc.protocol]} dnat {fam} to {addr}:{dest.port}"]
+
+
+def rs_rules(svc: Service, dest: Dest) -> list[str]:
+    """Rule bodies of ``rs_<rid>``."""
+    body = []
+    if svc.persistent:
+        key, fam = _client_key(svc), _client_family(svc)
+        body.append(f"update @persist{fam} {{ {key} . {dest.rid:#010x} timeout {svc.timeout}s }}")
+    fam = _client_family(svc)
+    if svc.fwmark:
+        body.append(f"meta l4proto tcp ct timeout set \"tcp{fam}\"")
+        body.append(f"meta l4proto udp ct timeout set \"udp{fam}\"")
+    elif svc.protocol in (IPPROTO_TCP, IPPROTO_UDP):
+        body.append(f"ct timeout set \"{L4[svc.protocol]}{fam}\"")
+    body.append("counter")
+    if dest.fwd is Forward.MASQ:
+        body.extend(_dnat(svc, dest))
+    else:
+        body.extend(_not_nat(svc, dest))
+    return body
+
+
+def _not_nat(svc: Service, dest: Dest) -> list[str]:
+    """Direct routing and tunnelling: see nft/forwarding.py (not yet here)."""
+    return ["goto unreachable"]
+
+
+def rs_chain_rules(script: Script, svc: Service, dest: Dest) -> None:
+    chain = rs_chain(dest)
+    for body in rs_rules(svc, dest):
+        script.add(f"add rule {TABLE} {chain} {body}")
+
+
+# ---------------------------------------------------------------- whole table
+
+def service_slots(svc: Service, script: Script | None = None) -> sched.Slots:
+    slots = sched.slots(svc, svc.sched)
+    if script is not None and not slots.exact and slots.note:
+        script.warnings.append(f"{_describe(svc)}: {slots.note}")
+    return slots
+
+
+def _describe(svc: Service) -> str:
+    if svc.fwmark:
+        return f"FWM {svc.fwmark}{' IPv6' if _v6(svc) else ''}"
+    addr = f"[{svc.addr}]" if _v6(svc) else str(svc.addr)
+    return f"{L4[svc.protocol].upper()} {addr}:{svc.port}"
+
+
+def add_service(script: Script, svc: Service) -> None:
+    """Everything a service needs, into an existing table."""
+    slots = service_slots(svc, script)
+    for d in svc.dests:
+        script.add(f"add chain {TABLE} {rs_chain(d)}")
+        rs_chain_rules(script, svc, d)
+    script.add(f"add chain {TABLE} {svc_chain(svc)}")
+    service_chain(script, svc, slots)
+    elements = slot_elements(svc, slots)
+    if elements:
+        script.add(f"add element {TABLE} slots {{ {', '.join(elements)} }}")
+    name, key = _dispatch_key(svc)
+    script.add(f"add element {TABLE} {name} {{ {key} : goto {svc_chain(svc)} }}")
+
+
+def full(table: Table, generation: int, replace_existing: bool = True) -> Script:
+    """The whole table in one script.  With ``replace_existing`` it first
+    removes our own table (``add`` then ``delete``, so it cannot fail when
+    the table is absent); nothing outside it is named."""
+    script = Script()
+    if replace_existing:
+        script.add(f"add table {TABLE}")
+        script.add(f"delete table {TABLE}")
+    skeleton(script, table.timeouts, generation)
+    for svc in table.services:
+        add_service(script, svc)
+    return script
+
+
+def remove_service(script: Script, svc: Service) -> None:
+    """Delete a service: dispatch element, slots, its chains."""
+    name, key = _dispatch_key(svc)
+    script.add(f"delete element {TABLE} {name} {{ {key} }}")
+    _delete_slots(script, svc)
+    script.add(f"delete chain {TABLE} {svc_chain(svc)}")
+    for d in svc.dests:
+        script.add(f"delete chain {TABLE} {rs_chain(d)}")
+
+
+def _delete_slots(script: Script, svc: Service) -> None:
+    old = slot_elements(svc, service_slots(svc))
+    if old:
+        keys = ", ".join(e.split(" : ")[0] for e in old)
+        script.add(f"delete element {TABLE} slots {{ {keys} }}")
+
+
+def change_service(script: Script, old: Service, new: Service) -> None:
+    """The smallest change from ``old`` to ``new`` (same identity, same sid)."""
+    old_dests = {d.rid: d for d in old.dests}
+    new_dests = {d.rid: d for d in new.dests}
+    _delete_slots(script, old)
+    script.add(f"flush chain {TABLE} {svc_chain(new)}")
+    for rid, d in new_dests.items():
+        if rid not in old_dests:
+            script.add(f"add chain {TABLE} {rs_chain(d)}")
+            rs_chain_rules(script, new, d)
+        elif rs_rules(old, old_dests[rid]) != rs_rules(new, d):
+            script.add(f"flush chain {TABLE} {rs_chain(d)}")
+            rs_chain_rules(script, new, d)
+    slots = service_slots(new, script)
+    service_chain(script, new, slots)
+    elements = slot_elements(new, slots)
+    if elements:
+        script.add(f"add element {TABLE} slots {{ {', '.join(elements)} }}")
+    for rid, d in old_dests.items():
+        if rid not in new_dests:
+            script.add(f"delete chain {TABLE} {rs_chain(d)}")
+
+
+def incremental(old: Iterable[Service], new: Iterable[Service], old_timeouts: Timeouts,
+                new_timeouts: Timeouts, old_generation: int, generation: int) -> Script | None:
+    """A transaction taking the kernel from ``old`` to ``new`` services.
+
+    ``old``/``new`` may be the services one command touched; services in
+    neither are left alone.  The generation swap makes the whole transaction
+    fail if the kernel table is not the one the store describes.  None when
+    only a full rebuild can do it: nft 1.0.6 keeps an existing ct timeout
+    object as it is on ``add``, and chains refer to it, so new timeouts
+    (``--set``) mean new objects and a new table.
+    """
+    if new_timeouts != old_timeouts:
+        return None
+    script = Script()
+    script.add(f"delete element {TABLE} gen {{ {old_generation} }}")
+    script.add(f"add element {TABLE} gen {{ {generation} }}")
+    old_by_key = {s.key: s for s in old}
+    new_by_key = {s.key: s for s in new}
+    for key, svc in old_by_key.items():
+        if key not in new_by_key:
+            remove_service(script, svc)
+    for key, svc in new_by_key.items():
+        before = old_by_key.get(key)
+        if before is None:
+            add_service(script, svc)
+        elif before != svc:
+            change_service(script, before, svc)
+    return script
