@@ -1,10 +1,117 @@
-"""The ``ipvs2nft`` command (translation and daemon); filled in by the back-end work."""
+"""The ``ipvs2nft`` command: translation without a kernel, and the tools
+that have no ipvsadm counterpart.
+
+``ipvs2nft translate [FILE|-]`` reads ipvsadm command lines (the form of an
+``ipvsadm -S`` / ``/etc/ipvsadm.rules`` file; a leading ``ipvsadm`` word is
+allowed, ``#`` lines and blank lines are skipped) and prints the complete
+nft script that the ipvsadm drop-in would load.  It needs no root, no
+kernel and no state file.  Warnings go to stderr; a line ipvsadm would
+refuse is reported with its number and no script is printed (exit 2).
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+from ipvs2nft import __version__
+from ipvs2nft.errors import IpvsadmError
+from ipvs2nft.ipvsadm import cmdline
+from ipvs2nft.ipvsadm.apply import mutation
+from ipvs2nft.model import Table
+from ipvs2nft.nft import build
+from ipvs2nft.store import Snapshot, Store
+
+IGNORED = {"list": "listing", "save": "save", "zero": "zero", "help": "help", "version": "version"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ipvs2nft`` parser (also what argparse-manpage documents)."""
+    ap = argparse.ArgumentParser(
+        prog="ipvs2nft",
+        description="Linux Virtual Server on nftables: translate ipvsadm (and iptables) "
+                    "load-balancing rules into one nftables table.",
+        allow_abbrev=False,
+    )
+    ap.add_argument("--version", action="version", version=f"ipvs2nft {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="command", required=True)
+    tr = sub.add_parser("translate", help="print the nft script for ipvsadm (or iptables) rules",
+                        description="Read rules from FILE (or standard input) and print the nft "
+                                    "script that loads them into table inet ipvs2nft.")
+    tr.add_argument("file", nargs="?", default="-", metavar="FILE",
+                    help="ipvsadm command lines, as ipvsadm-save writes them (default: stdin)")
+    tr.add_argument("--from", dest="source", choices=("ipvsadm", "iptables"), default="ipvsadm",
+                    help="input language (default ipvsadm)")
+    tr.add_argument("--strict", action="store_true",
+                    help="fail instead of warning when a feature is only approximated")
+    return ap
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[str]]:
+    """(table, errors, warnings) for ipvsadm command lines."""
+    table, errors, warnings = Table(), [], []
+    for lineno, raw in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        words = [w for w in text.split() if w != "ipvsadm"]
+        if not words:
+            continue
+        try:
+            cmd = cmdline.parse(words)
+            if cmd.name in IGNORED or cmd.name == "restore":
+                warnings.append(f"line {lineno}: {cmd.name} ignored (nothing to translate)")
+                continue
+            if cmd.name in ("start-daemon", "stop-daemon"):
+                warnings.append(f"line {lineno}: the sync daemon is not part of the ruleset "
+                                "(see compat-matrix.md: sync daemon)")
+            change = mutation(cmd)
+            if change is not None:
+                table = change[1](table)
+        except IpvsadmError as exc:
+            errors.append(f"line {lineno}: {exc.message.strip()}")
+    return table, errors, warnings
+
+
+def cmd_translate(args) -> int:
+    try:
+        data = _read(args.file)
+    except OSError as exc:
+        sys.stderr.write(f"ipvs2nft: {args.file}: {exc.strerror}\n")
+        return 2
+    if args.source == "iptables":
+        from ipvs2nft.iptables.translate import translate as translate_iptables
+
+        return translate_iptables(data, strict=args.strict)
+    table, errors, warnings = translate_ipvsadm(data)
+    if errors:
+        sys.stderr.write("".join(f"ipvs2nft: {e}\n" for e in errors))
+        return 2
+    # ids as the store would give them, without a store
+    prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
+    script = build.full(prepared.table, generation=1)
+    warnings += script.warnings
+    for w in warnings:
+        sys.stderr.write(f"ipvs2nft: warning: {w}\n")
+    if args.strict and script.warnings:
+        return 3
+    sys.stdout.write(script.text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stderr.write("ipvs2nft: not implemented yet\n")
-    return 2
+    args = build_parser().parse_args(argv)
+    if args.command == "translate":
+        return cmd_translate(args)
+    return 2  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())
