@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ipvs2nft.model import F_SCHED1, F_SCHED2, Dest, SchedState, Service
@@ -243,10 +244,24 @@ class Slots:
     hash: str | None = None
     exact: bool = True
     note: str = ""
+    random: bool = False  # numgen random instead of numgen inc (no IPVS scheduler does this)
+
+
+# Slot builders for schedulers that are not IPVS's, registered by other
+# front ends (the iptables translator lifts `-m statistic` cascades into
+# services whose "scheduler" reproduces the cascade).  name -> builder.
+EXTRA: dict[str, Callable[[Service], Slots]] = {}
+
+
+def register(name: str, builder: Callable[[Service], Slots]) -> None:
+    """Add a scheduler that only ipvs2nft's own front ends can create."""
+    EXTRA[name] = builder
 
 
 def slots(svc: Service, st: SchedState) -> Slots:
     """The slot table for ``svc`` in scheduler state ``st``."""
+    if svc.scheduler in EXTRA:
+        return EXTRA[svc.scheduler](svc)
     if svc.scheduler == "none" or not svc.dests:
         return Slots(())
     kind = _kind(svc)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ipvsadm command lines, as ipvsadm-save writes them (default: stdin)")
     tr.add_argument("--from", dest="source", choices=("ipvsadm", "iptables"), default="ipvsadm",
                     help="input language (default ipvsadm)")
+    tr.add_argument("--to", dest="target", choices=("nft", "ipvsadm"), default="nft",
+                    help="output: an nft script (default) or, for --from iptables, ipvsadm "
+                         "commands for the lifted services")
     tr.add_argument("--strict", action="store_true",
                     help="fail instead of warning when a feature is only approximated")
     return ap
@@ -89,7 +92,10 @@ def cmd_translate(args) -> int:
     if args.source == "iptables":
         from ipvs2nft.iptables.translate import translate as translate_iptables
 
-        return translate_iptables(data, strict=args.strict)
+        return translate_iptables(data, strict=args.strict, target=args.target)
+    if args.target != "nft":
+        sys.stderr.write("ipvs2nft: --to ipvsadm is for --from iptables input\n")
+        return 2
     table, errors, warnings = translate_ipvsadm(data)
     if errors:
         sys.stderr.write("".join(f"ipvs2nft: {e}\n" for e in errors))

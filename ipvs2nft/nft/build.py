@@ -162,6 +162,8 @@ def _scheduler_rule(svc: Service, slots: sched.Slots) -> str | None:
     if not slots.table:
         return None
     n, base, ip = len(slots.table), slot_base(svc), _ip(svc)
+    if slots.random:
+        return f"numgen random mod {n} offset {base} vmap @slots"
     if slots.hash is None:
         return f"counter numgen inc mod {n} offset {base} vmap @slots"
     keys = {"saddr": f"{ip} saddr", "saddr+sport": f"{ip} saddr . th sport", "daddr": f"{ip} daddr"}
