@@ -1,6 +1,8 @@
 """What the IPVS kernel code accepts or refuses, applied to the model.
 
-Back-end ids are not IPVS's business: new services and real servers leave
+Each operation checks everything first and then changes the table in place
+(``Table`` explains why); on an error the table is untouched.  Back-end ids
+are not IPVS's business: new services and real servers leave
 here with ``sid``/``rid`` 0 and the store gives them ids when it commits.
 
 ipvsadm validates some input itself and leaves the rest to the kernel
@@ -46,6 +48,11 @@ EINVAL_TEXT = "Invalid operation.  Possibly wrong module version, address not un
 ERANGE_TEXT = os.strerror(34)  # "Numerical result out of range"
 ENODEV_TEXT = os.strerror(19)  # "No such device"
 
+def _put(table: Table, svc: Service) -> Table:
+    table.put(svc)
+    return table
+
+
 def _check_scheduler(svc: Service) -> None:
     if svc.scheduler != NO_SCHEDULER and svc.scheduler not in SCHEDULERS:
         raise KernelError(SCHED_NOT_FOUND)
@@ -59,7 +66,8 @@ def add_service(table: Table, svc: Service) -> Table:
         raise KernelError(SERVICE_EXISTS)
     _check_scheduler(svc)
     new = replace(svc, dests=(), sid=0)
-    return replace(table, services=table.services + (replace(new, sched=sched.on_init(new)),))
+    table.put(replace(new, sched=sched.on_init(new)))
+    return table
 
 
 def edit_service(table: Table, svc: Service) -> Table:
@@ -78,7 +86,7 @@ def edit_service(table: Table, svc: Service) -> Table:
     )
     if new.scheduler != old.scheduler:  # ip_vs_edit_service binds the new scheduler afresh
         new = replace(new, sched=sched.on_init(new))
-    return table.replace_service(old, new)
+    return _put(table, new)
 
 
 def delete_service(table: Table, key: ServiceKey) -> Table:
@@ -86,12 +94,14 @@ def delete_service(table: Table, key: ServiceKey) -> Table:
     old = table.find(key)
     if old is None:
         raise KernelError(NO_SUCH_SERVICE)
-    return replace(table, services=tuple(s for s in table.services if s is not old))
+    table.remove(key)
+    return table
 
 
 def flush(table: Table) -> Table:
     """``-C``: every service goes; timeouts and sync daemons stay."""
-    return replace(table, services=())
+    table.index.clear()
+    return table
 
 
 def check_zero(table: Table, key: ServiceKey | None) -> None:
@@ -130,7 +140,7 @@ def add_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
         raise KernelError(EINVAL_TEXT)
     new_svc = replace(svc, dests=(replace(dest, rid=0, last_weight=dest.weight),) + svc.dests)
     new_svc = replace(new_svc, sched=sched.on_add(new_svc, svc.sched))
-    return table.replace_service(svc, new_svc)
+    return _put(table, new_svc)
 
 
 def edit_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
@@ -148,7 +158,7 @@ def edit_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
     new_dest = replace(dest, rid=old.rid, last_weight=last)
     new_svc = replace(svc, dests=tuple(new_dest if d is old else d for d in svc.dests))
     new_svc = replace(new_svc, sched=sched.on_update(new_svc, svc.sched))
-    return table.replace_service(svc, new_svc)
+    return _put(table, new_svc)
 
 
 def delete_dest(table: Table, key: ServiceKey, dest_key: tuple) -> Table:
@@ -161,20 +171,15 @@ def delete_dest(table: Table, key: ServiceKey, dest_key: tuple) -> Table:
         raise KernelError(NO_SUCH_DEST)
     new_svc = replace(svc, dests=tuple(d for d in svc.dests if d is not old))
     new_svc = replace(new_svc, sched=sched.on_delete(svc, new_svc, old.key, svc.sched))
-    return table.replace_service(svc, new_svc)
+    return _put(table, new_svc)
 
 
 def set_timeouts(table: Table, wanted: Timeouts) -> Table:
     """``--set``: zero keeps the current value."""
     cur = table.timeouts
-    return replace(
-        table,
-        timeouts=Timeouts(
-            tcp=wanted.tcp or cur.tcp,
-            tcpfin=wanted.tcpfin or cur.tcpfin,
-            udp=wanted.udp or cur.udp,
-        ),
-    )
+    table.timeouts = Timeouts(tcp=wanted.tcp or cur.tcp, tcpfin=wanted.tcpfin or cur.tcpfin,
+                              udp=wanted.udp or cur.udp)
+    return table
 
 
 def start_daemon(table: Table, daemon: SyncDaemon) -> Table:
@@ -196,12 +201,14 @@ def start_daemon(table: Table, daemon: SyncDaemon) -> Table:
     mcast_af = daemon.mcast_af or AF_INET
     group = daemon.mcast_group or "224.0.0.81"
     header = 40 + 8 if mcast_af == AF_INET6 else 20 + 8
+    # start_sync_thread(): a given size is clamped to [1024 (backup) or 1,
+    # 65535 - headers]; the default follows the MTU (a master uses 1500).
     if daemon.state == "backup":
         mtu, min_len = max(1500, min(mtu, 65535)), 1024
     else:
-        mtu, min_len = min(mtu, 1500), 1
+        mtu, min_len = 1500, 1
     maxlen = daemon.sync_maxlen
-    maxlen = min(max(maxlen, min_len), mtu - header) if maxlen else mtu - header
+    maxlen = min(max(maxlen, min_len), 65535 - header) if maxlen else mtu - header
     started = replace(
         daemon,
         mcast_af=mcast_af,
@@ -214,15 +221,16 @@ def start_daemon(table: Table, daemon: SyncDaemon) -> Table:
                                      started.mcast_group, started.mcast_port, started.mcast_ttl)
     if failure is not None:
         raise KernelError(os.strerror(failure))
-    daemons = sorted(table.daemons + (started,), key=lambda d: d.state != "master")
-    return replace(table, daemons=tuple(daemons))
+    table.daemons = tuple(sorted(table.daemons + (started,), key=lambda d: d.state != "master"))
+    return table
 
 
 def stop_daemon(table: Table, state: str) -> Table:
     """``--stop-daemon``."""
     if table.daemon(state) is None:
         raise KernelError(NO_DAEMON)
-    return replace(table, daemons=tuple(d for d in table.daemons if d.state != state))
+    table.daemons = tuple(d for d in table.daemons if d.state != state)
+    return table
 
 
 def dest_address_usable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

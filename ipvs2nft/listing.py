@@ -135,12 +135,37 @@ def _spread_ok(values: Iterable[int]) -> bool:
     return not values or max(values) - min(values) < 0x80000000
 
 
+SVC_TAB_MASK = 0xFF  # IP_VS_SVC_TAB_BITS 8
+# The kernel mixes a per-boot pointer (ipvs >> 8) into its service hashes;
+# it only permutes buckets, and 0 stands for it here.
+HASH_SEED = 0
+
+
+def _svc_bucket(svc: Service) -> int:
+    """ip_vs_svc_hashkey() / ip_vs_svc_fwm_hashkey()."""
+    if svc.fwmark:
+        return (HASH_SEED ^ svc.fwmark) & SVC_TAB_MASK
+    w = _words(svc.addr)
+    fold = w[0] ^ w[1] ^ w[2] ^ w[3] if svc.af == AF_INET6 else w[0]
+    return (svc.protocol ^ fold ^ HASH_SEED ^ (svc.port >> 8) ^ svc.port) & SVC_TAB_MASK
+
+
+def kernel_order(services: Iterable[Service]) -> list[Service]:
+    """The order IPVS hands services to ipvsadm: the address table, then the
+    fwmark table, each bucket by bucket, newest first inside a bucket (the
+    kernel adds at the head).  It is what ``--nosort`` prints, and the input
+    of the sort, which matters where ipvsadm's comparator wraps around."""
+    items = list(services)
+    newest_first = list(reversed(items))
+    return sorted(newest_first, key=lambda s: (bool(s.fwmark), _svc_bucket(s)))
+
+
 def sort_services(services: Iterable[Service]) -> list[Service]:
     """ipvsadm's service order.  When every wrapped compare agrees with the
     plain one (all keys inside one 2^31 window), a key sort gives the same
     result much faster; otherwise the comparator is not transitive and only
-    the same merge sort reproduces ipvsadm's order."""
-    items = list(services)
+    the same merge sort over the kernel's order reproduces ipvsadm's."""
+    items = kernel_order(services)
     keys = [_service_sort_key(s) for s in items]
     v4 = [k[3][0] for k, s in zip(keys, items) if s.af == AF_INET]
     v6 = [k[3] for k, s in zip(keys, items) if s.af == AF_INET6]
@@ -341,7 +366,7 @@ def service_entry(svc: Service, fmt: Format, rule: bool, counters: Counters) -> 
 
 def list_all(table: Table, fmt: Format, counters: Counters = ZERO, rule: bool = False) -> str:
     """``-L`` (or ``-S`` with ``rule``): every service."""
-    services = list(table.services) if fmt.nosort else sort_services(table.services)
+    services = kernel_order(table.services) if fmt.nosort else sort_services(table.services)
     head = "" if rule else VERSION_HEADER
     return head + title(fmt, rule) + "".join(service_entry(s, fmt, rule, counters) for s in services)
 

@@ -9,7 +9,8 @@ new ``Table``; nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from ipvs2nft.netaddr import AF_INET, AF_INET6, IPPROTO_TCP, IPAddress
 
@@ -185,23 +186,48 @@ class SyncDaemon:
     mcast_ttl: int = 0
 
 
-@dataclass(frozen=True, slots=True)
 class Table:
-    """Everything ``ipvsadm`` can see: the IPVS table plus global settings."""
+    """Everything ``ipvsadm`` can see: the IPVS table plus global settings.
 
-    services: tuple[Service, ...] = ()  # creation order stands in for hash order
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    daemons: tuple[SyncDaemon, ...] = ()  # master before backup
+    Services are indexed by identity and keep their creation order (which
+    stands in for the kernel's hash order in ``--nosort``).  Unlike the
+    frozen services, a table is changed in place by the operations of
+    ``ipvs.py`` (which validate before they change anything): replaying a
+    50,000-line ``-R`` file must not copy 10,000 services per line.  Code
+    that needs the table as it was takes a ``copy()`` first.
+    """
+
+    __slots__ = ("index", "timeouts", "daemons")
+
+    def __init__(self, services: Iterable[Service] = (), timeouts: Timeouts | None = None,
+                 daemons: tuple[SyncDaemon, ...] = ()) -> None:
+        self.index: dict[ServiceKey, Service] = {s.key: s for s in services}
+        self.timeouts = timeouts or Timeouts()
+        self.daemons = daemons  # master before backup
+
+    @property
+    def services(self) -> Iterable[Service]:
+        """The services in creation order (a live view)."""
+        return self.index.values()
 
     def find(self, key: ServiceKey) -> Service | None:
-        for svc in self.services:
-            if svc.key == key:
-                return svc
-        return None
+        return self.index.get(key)
 
-    def replace_service(self, old: Service, new: Service) -> Table:
-        services = tuple(new if s is old else s for s in self.services)
-        return replace(self, services=services)
+    def put(self, svc: Service) -> None:
+        """Add a service, or replace the one with its identity (in place)."""
+        self.index[svc.key] = svc
+
+    def remove(self, key: ServiceKey) -> None:
+        del self.index[key]
+
+    def copy(self) -> Table:
+        table = Table(timeouts=self.timeouts, daemons=self.daemons)
+        table.index = dict(self.index)
+        return table
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Table) and self.index == other.index
+                and self.timeouts == other.timeouts and self.daemons == other.daemons)
 
     def daemon(self, state: str) -> SyncDaemon | None:
         for d in self.daemons:

@@ -167,7 +167,7 @@ def _table_from(head: dict, services: Iterable[Service], path: str) -> Table:
     try:
         daemons = tuple(SyncDaemon(*d) for d in head["daemons"])
         timeouts = Timeouts(*head["timeouts"])
-        return Table(services=tuple(services), timeouts=timeouts, daemons=daemons)
+        return Table(services, timeouts, daemons)
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(path, f"bad header: {exc}") from None
 
@@ -309,7 +309,7 @@ class Store:
                     next_rid = next_rid % _MAX_RID + 1
                 dests.append(d)
             services.append(replace(svc, dests=tuple(dests)))
-        return replace(table, services=tuple(services)), next_rid
+        return Table(services, table.timeouts, table.daemons), next_rid
 
     def _splice(self, old: Snapshot, table: Table) -> bytes:
         """The service lines of ``old.raw`` with the loaded services replaced."""

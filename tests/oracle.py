@@ -15,12 +15,14 @@ import ctypes
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ipvs2nft import netaddr
 from ipvs2nft.cli import ipvsadm as cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oracle"
@@ -53,7 +55,8 @@ class Outcome:
         argv = self.record.get("argv") or []
         if self.record["kind"] == "ipvsadm" and argv[:1] in (["-h"], ["--help"]):
             return "help-text"
-        if "," in argv and any(a in ("-b", "--sched-flags") for a in argv):
+        text = " ".join(argv) + " " + (self.record.get("stdin") or "")
+        if re.search(r"(-b|--sched-flags)[ =],(\s|$)", text):
             return "b-comma"
         return None
 
@@ -92,10 +95,10 @@ class _Capture:
         return self.buffer.getvalue().decode("utf-8", "surrogateescape")
 
 
-def call(func, argv: list[str], stdin: str | None, prog: str) -> tuple[int, str, str]:
+def call(func, argv: list[str], stdin: str | bytes | None, prog: str) -> tuple[int, str, str]:
     """Run one entry point in-process; returns (status, stdout, stderr)."""
     out, err = _Capture(), _Capture()
-    inp = _Capture((stdin or "").encode())
+    inp = _Capture(stdin if isinstance(stdin, bytes) else (stdin or "").encode())
     saved = sys.stdin, sys.stdout, sys.stderr, sys.argv
     sys.stdin, sys.stdout, sys.stderr, sys.argv = inp.text, out.text, err.text, [prog] + argv
     try:
@@ -109,8 +112,16 @@ def call(func, argv: list[str], stdin: str | None, prog: str) -> tuple[int, str,
 
 
 def _shell(record: dict) -> tuple | None:
-    """The ``!`` lines a fixture may carry: our save/restore scripts, sleep."""
-    words = shlex.split(record["argv"][-1])
+    """The ``!`` lines a fixture may carry: our save/restore scripts, sleep,
+    and ``printf ... | ipvsadm ARGS`` (exact bytes on stdin, made by bash)."""
+    line = record["argv"][-1]
+    producer, bar, consumer = line.rpartition("|")
+    entry = {"ipvsadm": cli.main, "ipvsadm-restore": cli.restore_main, "ipvsadm-save": cli.save_main}
+    if bar and consumer.split()[:1] and consumer.split()[0] in entry:
+        data = subprocess.run(["bash", "-c", producer], capture_output=True, check=True).stdout
+        words = shlex.split(consumer)
+        return call(entry[words[0]], words[1:], data, words[0])
+    words = shlex.split(line)
     if words and words[0] == "ipvsadm-save":
         return call(cli.save_main, words[1:], record["stdin"], "ipvsadm-save")
     if words and words[0] == "ipvsadm-restore":
@@ -164,26 +175,43 @@ def describe(o: Outcome) -> str:
 # ---------------------------------------------------------------- namespaces
 
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_REC, _MS_PRIVATE, _MS_BIND = 0x4000, 0x40000, 0x1000
+
+# /etc/hosts of the oracle's VM (../shared/oracle/build-image.sh writes it);
+# its /etc/services is the host's, as here.
+VM_HOSTS = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 @contextlib.contextmanager
-def vm_like_netns():
-    """Run the block in a fresh network namespace with only ``lo`` up, as in
-    the oracle's VM, then return to ours.  Needs root; yields False without."""
+def vm_like_netns(tmp_path=None):
+    """Run the block where name lookups and interfaces are those of the
+    oracle's VM: a fresh network namespace with only ``lo`` up (no DNS can
+    answer), and a mount namespace where /etc/hosts is the VM's.  Then return
+    to ours.  Needs root; yields False without."""
     if os.geteuid() != 0:
         yield False
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    home_net = os.open("/proc/self/ns/net", os.O_RDONLY)
+    home_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    hosts = Path(tmp_path or "/tmp") / "vm-hosts"
+    hosts.write_text(VM_HOSTS)
     try:
-        if libc.unshare(_CLONE_NEWNET) != 0:
+        if libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS) != 0:
             yield False
             return
         try:
+            libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
+            if libc.mount(str(hosts).encode(), b"/etc/hosts", None, _MS_BIND, None) != 0:
+                raise OSError(ctypes.get_errno(), "bind mount of the VM's /etc/hosts failed")
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            netaddr.addr_to_host.cache_clear()
             yield True
         finally:
-            if libc.setns(home, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the original namespace failed")
+            netaddr.addr_to_host.cache_clear()
+            if libc.setns(home_net, _CLONE_NEWNET) != 0 or libc.setns(home_mnt, _CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the original namespaces failed")
     finally:
-        os.close(home)
+        os.close(home_net)
+        os.close(home_mnt)

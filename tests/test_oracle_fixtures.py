@@ -17,10 +17,9 @@ from tests import oracle
 @pytest.mark.parametrize("name", oracle.fixture_names())
 def test_fixture(name, tmp_path):
     records = oracle.load(name)
-    needs_netns = any("daemon" in r["cmd"] for r in records)
-    with oracle.vm_like_netns() as isolated:
-        if needs_netns and not isolated:
-            pytest.skip("sync-daemon records need a namespace like the VM's (root)")
+    with oracle.vm_like_netns(tmp_path) as isolated:
+        if not isolated:
+            pytest.skip("replaying needs namespaces like the VM's (root): interfaces, /etc/hosts")
         outcomes = oracle.replay(records, tmp_path)
     assert outcomes, f"{name}: nothing replayed"
     bad = [oracle.describe(o) for o in outcomes if not o.matches()]

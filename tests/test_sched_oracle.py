@@ -61,7 +61,7 @@ def replay_sequences(records):
                 predicted.append(None if d is None else str(d.addr))
             # what the back end does when it next rebuilds: advance by the
             # connections the data plane scheduled (refused ones do not count)
-            table = table.replace_service(svc, replace(svc, sched=st))
+            table.put(replace(svc, sched=st))
             yield rec, expected, predicted
 
 
@@ -105,4 +105,4 @@ def test_slot_table_is_the_sequence(name):
             got = [str(slots[i % len(slots)].addr) for i in range(len(expected))]
             assert got == expected, f"line {rec['line']}: {got} != {expected}"
             st = sched.advance(svc, svc.sched, len(expected))
-            table = table.replace_service(svc, replace(svc, sched=st))
+            table.put(replace(svc, sched=st))

@@ -73,14 +73,15 @@ class Session:
             return
         with self.store.locked():
             old = self.store.read() if keys is None else self.store.read_services(keys)
-            current = self._observe(old.table, keys)
+            current = self._observe(old.table.copy(), keys)
             self._commit(old, change(current))
 
     def _observe(self, table: Table, keys) -> Table:
         """Bring the scheduler state of the touched services up to date, once."""
         if keys is None:
             return table
-        fresh = [s for s in table.services if s.key in keys and s.key not in self.observed]
+        found = (table.find(k) for k in keys if k not in self.observed)
+        fresh = [s for s in found if s is not None]
         self.observed.update(s.key for s in fresh)
         return self.backend.observe(table, fresh) if fresh else table
 
@@ -92,10 +93,10 @@ class Session:
     def begin_batch(self) -> None:
         self.batch = True
         self.snapshot = self.store.read()
-        self.table = self.snapshot.table
+        self.table = self.snapshot.table.copy()
 
     def end_batch(self) -> None:
-        if self.table is not self.snapshot.table:
+        if self.table != self.snapshot.table:
             self._commit(self.snapshot, self.table)
         for action in self.after_commit:
             action()

@@ -94,7 +94,7 @@ class NftBackend(Backend):
             picks = self._scheduled(svc)
             if picks:
                 new = replace(svc, sched=sched.advance(svc, svc.sched, picks))
-                table = table.replace_service(svc, new)
+                table.put(new)
         return table
 
     def _scheduled(self, svc: Service) -> int:
@@ -137,7 +137,7 @@ class NftBackend(Backend):
             elif svc.key not in touched:
                 services.append(svc)
         services.extend(changed.values())
-        return replace(new.table, services=tuple(services))
+        return Table(services, new.table.timeouts, new.table.daemons)
 
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our table as a whole (one transaction)."""
