@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import ipaddress
 import socket
 import struct
@@ -45,14 +46,16 @@ def _interface_ipv4(name: str) -> str | None:
     return socket.inet_ntoa(res[20:24])
 
 
-def local_broadcasts() -> set[str]:
-    """Broadcast entries of the local routing table (/proc/net/fib_trie)."""
+@functools.lru_cache(maxsize=1)
+def local_broadcasts() -> frozenset[str]:
+    """Broadcast entries of the local routing table (/proc/net/fib_trie),
+    read once per process (a -R of 40,000 real servers asks 40,000 times)."""
     found: set[str] = set()
     try:
         with open("/proc/net/fib_trie", encoding="ascii") as f:
             lines = f.read().splitlines()
     except OSError:
-        return found
+        return frozenset()
     last = None
     for line in lines:
         text = line.strip()
@@ -60,7 +63,7 @@ def local_broadcasts() -> set[str]:
             last = text[3:].split()[0]
         elif text.startswith("/32") and text.endswith("BROADCAST") and last:
             found.add(last)
-    return found
+    return frozenset(found)
 
 
 def is_local_v6(addr: ipaddress.IPv6Address) -> bool:

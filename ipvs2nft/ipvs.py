@@ -48,6 +48,14 @@ EINVAL_TEXT = "Invalid operation.  Possibly wrong module version, address not un
 ERANGE_TEXT = os.strerror(34)  # "Numerical result out of range"
 ENODEV_TEXT = os.strerror(19)  # "No such device"
 
+def _with_dests(svc: Service, dests: tuple[Dest, ...], state=None) -> Service:
+    """svc with other real servers (and scheduler state): a positional copy,
+    several times cheaper than dataclasses.replace on a -R of 40,000 lines."""
+    return Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark, svc.scheduler, svc.flags,
+                   svc.timeout, svc.netmask, svc.pe_name, dests, svc.sid,
+                   svc.sched if state is None else state)
+
+
 def _put(table: Table, svc: Service) -> Table:
     table.put(svc)
     return table
@@ -138,9 +146,11 @@ def add_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
         raise KernelError(DEST_EXISTS)
     if not dest_address_usable(dest.addr):
         raise KernelError(EINVAL_TEXT)
-    new_svc = replace(svc, dests=(replace(dest, rid=0, last_weight=dest.weight),) + svc.dests)
-    new_svc = replace(new_svc, sched=sched.on_add(new_svc, svc.sched))
-    return _put(table, new_svc)
+    if dest.rid or dest.last_weight != dest.weight:
+        dest = replace(dest, rid=0, last_weight=dest.weight)
+    dests = (dest,) + svc.dests
+    state = sched.on_add(_with_dests(svc, dests), svc.sched)
+    return _put(table, _with_dests(svc, dests, state))
 
 
 def edit_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:

@@ -297,18 +297,22 @@ class Store:
         free = (sid for sid in range(1, _MAX_SID + 1) if sid not in used)
         services = []
         for svc in table.services:
-            if not svc.sid:
-                sid = next(free, None)
-                if sid is None:
-                    raise StoreError(f"ipvs2nft: more than {_MAX_SID} virtual services")
-                svc = replace(svc, sid=sid)
+            if svc.sid and all(d.rid for d in svc.dests):
+                services.append(svc)
+                continue
+            sid = svc.sid or next(free, None)
+            if sid is None:
+                raise StoreError(f"ipvs2nft: more than {_MAX_SID} virtual services")
             dests = []
             for d in svc.dests:
                 if not d.rid:
-                    d = replace(d, rid=next_rid)
+                    d = Dest(d.addr, d.port, d.fwd, d.weight, d.u_threshold, d.l_threshold,
+                             d.tun_type, d.tun_port, d.tun_flags, next_rid, d.last_weight)
                     next_rid = next_rid % _MAX_RID + 1
                 dests.append(d)
-            services.append(replace(svc, dests=tuple(dests)))
+            services.append(Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark,
+                                    svc.scheduler, svc.flags, svc.timeout, svc.netmask,
+                                    svc.pe_name, tuple(dests), sid, svc.sched))
         return Table(services, table.timeouts, table.daemons), next_rid
 
     def _splice(self, old: Snapshot, table: Table) -> bytes:

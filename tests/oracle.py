@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipvs2nft import netaddr
+from ipvs2nft import host, netaddr
 from ipvs2nft.cli import ipvsadm as cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oracle"
@@ -207,9 +207,11 @@ def vm_like_netns(tmp_path=None):
                 raise OSError(ctypes.get_errno(), "bind mount of the VM's /etc/hosts failed")
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
             netaddr.addr_to_host.cache_clear()
+            host.local_broadcasts.cache_clear()
             yield True
         finally:
             netaddr.addr_to_host.cache_clear()
+            host.local_broadcasts.cache_clear()
             if libc.setns(home_net, _CLONE_NEWNET) != 0 or libc.setns(home_mnt, _CLONE_NEWNS) != 0:
                 raise OSError(ctypes.get_errno(), "setns back to the original namespaces failed")
     finally:

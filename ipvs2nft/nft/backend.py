@@ -104,7 +104,7 @@ class NftBackend(Backend):
             if not rule:
                 continue
             exprs = rule.get("expr", [])
-            if any("vmap" in e and "numgen" in json.dumps(e["vmap"].get("key")) for e in exprs):
+            if "numgen" in json.dumps(exprs):  # the scheduling rule (build._scheduler_rule)
                 for e in exprs:
                     if "counter" in e:
                         return int(e["counter"].get("packets", 0))

@@ -1,22 +1,40 @@
 """The model as an nftables ruleset: pure, deterministic, text out.
 
 Everything lives in one table, ``inet ipvs2nft``, that nothing else touches
-and that touches nothing else.  Its shape keeps the number of sets and maps
-constant, whatever the number of services (one anonymous map per service
-makes a 10,000-service load quadratic: ../shared/reference/nftables-at-scale.md):
+and that touches nothing else.  Two kernel costs shape it (measured here,
+see ../shared/reference/nftables-at-scale.md and compat-matrix.md):
+
+* every set the table holds is scanned for every set created or referenced,
+  so the number of sets and maps is constant, whatever the number of
+  services (one anonymous map per service makes a 10k-service load take
+  tens of seconds);
+* every element added to a map is checked against every rule that
+  references the map (``nft_add_set_elem`` walks ``set->bindings``), so a
+  map with many elements is referenced by a constant number of rules.  A
+  map of 40,000 slots referenced from 10,000 service chains took 60 s to
+  load; the shape below loads 10,000 services x 4 in about 0.5 s.
+
+The shape:
 
 * ``dispatch`` (jumped to from the nat prerouting and output hooks) does
   one verdict-map lookup, in IPVS's order: fwmark (``fwm4``/``fwm6`` on the
   packet mark), then address.protocol.port (``svc4``/``svc6``), then the
   port-0 services (``svc4p0``/``svc6p0``).  Each element jumps to the
   service's chain ``svc_<sid>``.
-* ``svc_<sid>`` tries persistence, then picks a slot: ``numgen inc`` (rr,
-  wrr and the approximated schedulers) or ``jhash`` (sh, dh, mh) into the
-  shared verdict map ``slots``; service ``sid`` owns slots
-  ``sid*65536 ...``.  No slot: ``unreachable`` answers ICMP port
-  unreachable, as IPVS does when no real server is available.
-* ``rs_<rid>`` per real server: persistence learning, connection timeouts,
-  then the forwarding (dnat for masquerading).
+* ``svc_<sid>`` tries persistence, sets the connection timeouts, and picks a
+  slot: ``numgen inc`` (rr, wrr and the approximated schedulers) or
+  ``jhash`` (sh, dh, mh), written to ``meta priority`` -- a scratch register
+  that leaves the packet mark alone (fwmark services and policy routing
+  need the mark; IPv4 forwarding resets skb->priority anyway).  Service
+  ``sid`` owns slots ``sid*65536 ...``.  Then it goes to ``pick4``/``pick6``.
+* ``pick4``/``pick6`` (the only rules that reference the slot maps): plain
+  masquerading slots are DNATed straight from the data maps ``nat4``
+  (address . port) and ``nat4a`` (address only: port 0 keeps the packet's
+  port); slots whose real server needs a chain go through ``slots`` to
+  ``rs_<rid>``; a slot with no server ends in ``unreachable`` (ICMP port
+  unreachable, what IPVS answers when no real server is available).
+* ``rs_<rid>`` exists only where per-server work is needed: persistence
+  learning, and forwarding methods other than masquerading.
 * persistence: one dynamic set per family keyed ``client-net . rid``.  The
   lookup in ``svc_<sid>`` needs the rid as a constant inside the key, which
   nft 1.0.6 cannot type; ``meta mark & 0x0 | <rid>`` is a typed expression
@@ -44,8 +62,9 @@ TABLE = "inet ipvs2nft"
 SLOT_BLOCK = 65536
 PERSIST_SIZE = 1048576
 # IPVS works at LOCAL_IN, after prerouting NAT: a VIP that another table
-# already DNATs never reaches it.  One past dstnat keeps that order.
-NAT_PRIORITY = "-99"  # dstnat (-100) + 1; the name dstnat is not valid on the output hook
+# already DNATs never reaches it.  One past dstnat (-100) keeps that order;
+# the name "dstnat" is not valid on the output hook, hence the number.
+NAT_PRIORITY = "-99"
 L4 = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_SCTP: "sctp"}
 
 
@@ -81,6 +100,11 @@ def _v6(svc: Service) -> bool:
     return svc.af == AF_INET6
 
 
+def _fam(svc: Service) -> str:
+    """Client family of a service: "4" or "6"."""
+    return "6" if _v6(svc) else "4"
+
+
 def _ip(svc: Service) -> str:
     return "ip6" if _v6(svc) else "ip"
 
@@ -88,7 +112,7 @@ def _ip(svc: Service) -> str:
 # ---------------------------------------------------------------- skeleton
 
 def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
-    """The table and its fixed objects (``add`` commands: idempotent)."""
+    """The table and its fixed objects."""
     s = script.add
     s(f"add table {TABLE}")
     s(f"add map {TABLE} svc4 {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
@@ -97,9 +121,12 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
     s(f"add map {TABLE} svc6p0 {{ type ipv6_addr . inet_proto : verdict; }}")
     s(f"add map {TABLE} fwm4 {{ type mark : verdict; }}")
     s(f"add map {TABLE} fwm6 {{ type mark : verdict; }}")
-    # typeof numgen: the key is a plain 32-bit integer that numgen and jhash
-    # both produce (a `typeof jhash` map crashes `nft list` on 1.0.6).
-    s(f"add map {TABLE} slots {{ typeof numgen inc mod 2 : verdict; }}")
+    # Slot numbers live in meta priority (type classid, a plain u32 here).
+    s(f"add map {TABLE} nat4 {{ type classid : ipv4_addr . inet_service; }}")
+    s(f"add map {TABLE} nat4a {{ type classid : ipv4_addr; }}")
+    s(f"add map {TABLE} nat6 {{ type classid : ipv6_addr . inet_service; }}")
+    s(f"add map {TABLE} nat6a {{ type classid : ipv6_addr; }}")
+    s(f"add map {TABLE} slots {{ type classid : verdict; }}")
     for fam, addr in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
         s(f"add set {TABLE} persist{fam} {{ type {addr} . mark; flags dynamic,timeout; "
           f"size {PERSIST_SIZE}; }}")
@@ -107,6 +134,14 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
     ct_timeouts(script, timeouts)
     s(f"add chain {TABLE} unreachable")
     s(f"add rule {TABLE} unreachable reject with icmpx type port-unreachable")
+    for fam, ip in (("4", "ip"), ("6", "ip6")):
+        chain = f"pick{fam}"
+        s(f"add chain {TABLE} {chain}")
+        s(f"add rule {TABLE} {chain} dnat {ip} to meta priority map @nat{fam}a")
+        for proto in ("tcp", "udp", "sctp"):
+            s(f"add rule {TABLE} {chain} meta l4proto {proto} dnat {ip} to meta priority map @nat{fam}")
+        s(f"add rule {TABLE} {chain} meta priority vmap @slots")
+        s(f"add rule {TABLE} {chain} goto unreachable")
     s(f"add chain {TABLE} dispatch")
     s(f"add rule {TABLE} dispatch meta nfproto ipv4 meta l4proto {{ tcp, udp, sctp }} meta mark vmap @fwm4")
     s(f"add rule {TABLE} dispatch meta nfproto ipv6 meta l4proto {{ tcp, udp, sctp }} meta mark vmap @fwm6")
@@ -135,7 +170,7 @@ def ct_timeouts(script: Script, t: Timeouts) -> None:
 
 def _dispatch_key(svc: Service) -> tuple[str, str]:
     """(map name, element key) of the service in the dispatch maps."""
-    fam = "6" if _v6(svc) else "4"
+    fam = _fam(svc)
     if svc.fwmark:
         return f"fwm{fam}", f"{svc.fwmark:#010x}"
     addr = str(svc.addr)
@@ -154,43 +189,85 @@ def _client_key(svc: Service) -> str:
     return f"ip saddr & {mask}" if svc.netmask != 0xFFFFFFFF else "ip saddr"
 
 
-def _client_family(svc: Service) -> str:
-    return "6" if _v6(svc) else "4"
+def needs_chain(svc: Service, dest: Dest) -> bool:
+    """Does this real server need its own chain (rs_<rid>)?  Plain
+    masquerading to a server of the service's family is done by the shared
+    pick chains; persistence learning and the other forwarding methods are
+    per server."""
+    return svc.persistent or dest.fwd is not Forward.MASQ or dest.af != svc.af or (
+        bool(svc.fwmark) and dest.port != 0)
 
 
-def _scheduler_rule(svc: Service, slots: sched.Slots) -> str | None:
-    if not slots.table:
-        return None
-    n, base, ip = len(slots.table), slot_base(svc), _ip(svc)
+def _timeout_rules(svc: Service) -> list[str]:
+    fam = _fam(svc)
+    if svc.fwmark:
+        return [f"meta l4proto tcp ct timeout set \"tcp{fam}\"",
+                f"meta l4proto udp ct timeout set \"udp{fam}\""]
+    if svc.protocol in (IPPROTO_TCP, IPPROTO_UDP):
+        return [f"ct timeout set \"{L4[svc.protocol]}{fam}\""]
+    return []
+
+
+def _scheduler_rule(svc: Service, slots: sched.Slots) -> str:
+    n, base, ip, fam = len(slots.table), slot_base(svc), _ip(svc), _fam(svc)
     if slots.random:
-        return f"numgen random mod {n} offset {base} vmap @slots"
-    if slots.hash is None:
-        return f"counter numgen inc mod {n} offset {base} vmap @slots"
-    keys = {"saddr": f"{ip} saddr", "saddr+sport": f"{ip} saddr . th sport", "daddr": f"{ip} daddr"}
-    return f"jhash {keys[slots.hash]} mod {n} seed {svc.sid:#x} offset {base} vmap @slots"
+        pick = f"numgen random mod {n} offset {base}"
+    elif slots.hash is None:
+        pick = f"numgen inc mod {n} offset {base}"
+    else:
+        keys = {"saddr": f"{ip} saddr", "saddr+sport": f"{ip} saddr . th sport", "daddr": f"{ip} daddr"}
+        pick = f"jhash {keys[slots.hash]} mod {n} seed {svc.sid:#x} offset {base}"
+    # the counter counts scheduling decisions: the back end reads it to keep
+    # rr/wrr state in step with the kernel (see NftBackend.observe)
+    return f"counter meta priority set {pick} goto pick{fam}"
 
 
 def service_chain(script: Script, svc: Service, slots: sched.Slots) -> None:
     """Rules of ``svc_<sid>`` (the chain itself must exist and be empty)."""
     chain = svc_chain(svc)
+    timeouts = _timeout_rules(svc)
+    # one rule per service where possible: loading 10,000 services is
+    # mostly a matter of the number of rules and chains
+    fold = len(timeouts) == 1 and not svc.persistent and bool(slots.table)
+    for rule in ([] if fold else timeouts):
+        script.add(f"add rule {TABLE} {chain} {rule}")
     if svc.persistent:
-        key, fam = _client_key(svc), _client_family(svc)
+        key, fam = _client_key(svc), _fam(svc)
         for d in svc.dests:  # kernel list order, newest first
             script.add(f"add rule {TABLE} {chain} {key} . meta mark & 0x0 | {d.rid:#010x} "
                        f"@persist{fam} goto {rs_chain(d)}")
-    rule = _scheduler_rule(svc, slots)
-    if rule:
-        script.add(f"add rule {TABLE} {chain} {rule}")
-    script.add(f"add rule {TABLE} {chain} goto unreachable")
+    if slots.table:
+        prefix = f"{timeouts[0]} " if fold else ""
+        script.add(f"add rule {TABLE} {chain} {prefix}{_scheduler_rule(svc, slots)}")
+    else:
+        script.add(f"add rule {TABLE} {chain} goto unreachable")
 
 
-def slot_elements(svc: Service, slots: sched.Slots) -> list[str]:
+def _placement(svc: Service, dest: Dest) -> tuple[str, str]:
+    """(map, element value) that serves a slot of ``dest``."""
+    if needs_chain(svc, dest):
+        return "slots", f"goto {rs_chain(dest)}"
+    fam = _fam(svc)
+    addr = str(dest.addr)
+    if dest.port:
+        return f"nat{fam}", f"{addr} . {dest.port}"
+    return f"nat{fam}a", addr
+
+
+def slot_elements(svc: Service, slots: sched.Slots) -> dict[str, list[str]]:
+    """Elements per map: ``{"nat4": ["65536 : 10.0.0.1 . 80", ...], ...}``."""
     base = slot_base(svc)
-    return [f"{base + i} : goto {rs_chain(d)}" for i, d in enumerate(slots.table) if d is not None]
+    out: dict[str, list[str]] = {}
+    for i, d in enumerate(slots.table):
+        if d is None:
+            continue
+        name, value = _placement(svc, d)
+        out.setdefault(name, []).append(f"{base + i} : {value}")
+    return out
 
 
 def _dnat(svc: Service, dest: Dest) -> list[str]:
-    """Masquerading: dnat to the real server (port 0 keeps the packet's port)."""
+    """Masquerading in a real-server chain (port 0 keeps the packet's port)."""
     fam = "ip6" if dest.af == AF_INET6 else "ip"
     addr = f"[{dest.addr}]" if fam == "ip6" and dest.port else str(dest.addr)
     if not dest.port:
@@ -202,22 +279,15 @@ def _dnat(svc: Service, dest: Dest) -> list[str]:
 
 def rs_rules(svc: Service, dest: Dest) -> list[str]:
     """Rule bodies of ``rs_<rid>``."""
-    body = []
+    first = "counter"
     if svc.persistent:
-        key, fam = _client_key(svc), _client_family(svc)
-        body.append(f"update @persist{fam} {{ {key} . {dest.rid:#010x} timeout {svc.timeout}s }}")
-    fam = _client_family(svc)
-    if svc.fwmark:
-        body.append(f"meta l4proto tcp ct timeout set \"tcp{fam}\"")
-        body.append(f"meta l4proto udp ct timeout set \"udp{fam}\"")
-    elif svc.protocol in (IPPROTO_TCP, IPPROTO_UDP):
-        body.append(f"ct timeout set \"{L4[svc.protocol]}{fam}\"")
-    body.append("counter")
-    if dest.fwd is Forward.MASQ:
-        body.extend(_dnat(svc, dest))
+        key, fam = _client_key(svc), _fam(svc)
+        first = f"update @persist{fam} {{ {key} . {dest.rid:#010x} timeout {svc.timeout}s }} counter"
+    if dest.fwd is Forward.MASQ and dest.af == svc.af:
+        actions = _dnat(svc, dest)
     else:
-        body.extend(_not_nat(svc, dest))
-    return body
+        actions = _not_nat(svc, dest)
+    return [f"{first} {actions[0]}"] + actions[1:]
 
 
 def _not_nat(svc: Service, dest: Dest) -> list[str]:
@@ -247,32 +317,51 @@ def _describe(svc: Service) -> str:
     return f"{L4[svc.protocol].upper()} {addr}:{svc.port}"
 
 
-def add_service(script: Script, svc: Service) -> None:
-    """Everything a service needs, into an existing table."""
+def _add_elements(script: Script, elements: dict[str, list[str]]) -> None:
+    for name, items in elements.items():
+        script.add(f"add element {TABLE} {name} {{ {', '.join(items)} }}")
+
+
+def _delete_elements(script: Script, elements: dict[str, list[str]]) -> None:
+    for name, items in elements.items():
+        keys = ", ".join(e.split(" : ", 1)[0] for e in items)
+        script.add(f"delete element {TABLE} {name} {{ {keys} }}")
+
+
+def add_service(script: Script, svc: Service, elements: dict[str, list[str]] | None = None) -> None:
+    """Everything a service needs, into an existing table.  With
+    ``elements`` the map elements are collected there instead of written."""
+    own = elements is None
+    elements = {} if own else elements
     slots = service_slots(svc, script)
     for d in svc.dests:
-        script.add(f"add chain {TABLE} {rs_chain(d)}")
-        rs_chain_rules(script, svc, d)
+        if needs_chain(svc, d):
+            script.add(f"add chain {TABLE} {rs_chain(d)}")
+            rs_chain_rules(script, svc, d)
     script.add(f"add chain {TABLE} {svc_chain(svc)}")
     service_chain(script, svc, slots)
-    elements = slot_elements(svc, slots)
-    if elements:
-        script.add(f"add element {TABLE} slots {{ {', '.join(elements)} }}")
+    for name, items in slot_elements(svc, slots).items():
+        elements.setdefault(name, []).extend(items)
     name, key = _dispatch_key(svc)
-    script.add(f"add element {TABLE} {name} {{ {key} : goto {svc_chain(svc)} }}")
+    elements.setdefault(name, []).append(f"{key} : goto {svc_chain(svc)}")
+    if own:
+        _add_elements(script, elements)
 
 
 def full(table: Table, generation: int, replace_existing: bool = True) -> Script:
     """The whole table in one script.  With ``replace_existing`` it first
     removes our own table (``add`` then ``delete``, so it cannot fail when
-    the table is absent); nothing outside it is named."""
+    the table is absent); nothing outside it is named.  Elements go in one
+    command per map, after the chains they refer to."""
     script = Script()
     if replace_existing:
         script.add(f"add table {TABLE}")
         script.add(f"delete table {TABLE}")
     skeleton(script, table.timeouts, generation)
+    elements: dict[str, list[str]] = {}
     for svc in table.services:
-        add_service(script, svc)
+        add_service(script, svc, elements)
+    _add_elements(script, elements)
     return script
 
 
@@ -280,39 +369,31 @@ def remove_service(script: Script, svc: Service) -> None:
     """Delete a service: dispatch element, slots, its chains."""
     name, key = _dispatch_key(svc)
     script.add(f"delete element {TABLE} {name} {{ {key} }}")
-    _delete_slots(script, svc)
+    _delete_elements(script, slot_elements(svc, service_slots(svc)))
     script.add(f"delete chain {TABLE} {svc_chain(svc)}")
     for d in svc.dests:
-        script.add(f"delete chain {TABLE} {rs_chain(d)}")
-
-
-def _delete_slots(script: Script, svc: Service) -> None:
-    old = slot_elements(svc, service_slots(svc))
-    if old:
-        keys = ", ".join(e.split(" : ")[0] for e in old)
-        script.add(f"delete element {TABLE} slots {{ {keys} }}")
+        if needs_chain(svc, d):
+            script.add(f"delete chain {TABLE} {rs_chain(d)}")
 
 
 def change_service(script: Script, old: Service, new: Service) -> None:
     """The smallest change from ``old`` to ``new`` (same identity, same sid)."""
-    old_dests = {d.rid: d for d in old.dests}
-    new_dests = {d.rid: d for d in new.dests}
-    _delete_slots(script, old)
+    old_chains = {d.rid: d for d in old.dests if needs_chain(old, d)}
+    new_chains = {d.rid: d for d in new.dests if needs_chain(new, d)}
+    _delete_elements(script, slot_elements(old, service_slots(old)))
     script.add(f"flush chain {TABLE} {svc_chain(new)}")
-    for rid, d in new_dests.items():
-        if rid not in old_dests:
+    for rid, d in new_chains.items():
+        if rid not in old_chains:
             script.add(f"add chain {TABLE} {rs_chain(d)}")
             rs_chain_rules(script, new, d)
-        elif rs_rules(old, old_dests[rid]) != rs_rules(new, d):
+        elif rs_rules(old, old_chains[rid]) != rs_rules(new, d):
             script.add(f"flush chain {TABLE} {rs_chain(d)}")
             rs_chain_rules(script, new, d)
     slots = service_slots(new, script)
     service_chain(script, new, slots)
-    elements = slot_elements(new, slots)
-    if elements:
-        script.add(f"add element {TABLE} slots {{ {', '.join(elements)} }}")
-    for rid, d in old_dests.items():
-        if rid not in new_dests:
+    _add_elements(script, slot_elements(new, slots))
+    for rid, d in old_chains.items():
+        if rid not in new_chains:
             script.add(f"delete chain {TABLE} {rs_chain(d)}")
 
 

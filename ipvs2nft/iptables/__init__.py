@@ -1,0 +1,15 @@
+"""The iptables front end: iptables rules in, the one model out.
+
+The pipeline, one module per step::
+
+    parse.py        command lines / iptables-save text -> Ruleset (rules.py)
+    lift.py         the load-balancing idioms in a Ruleset -> Services + findings
+    shares.py       what a statistic cascade really does (pure arithmetic)
+    slots.py        the pseudo-schedulers "iptables-nth" / "iptables-random"
+                    (registered with ipvs2nft.sched)
+    passthrough.py  every other rule through iptables-restore-translate
+    translate.py    ``ipvs2nft translate --from iptables``: glue and output
+
+A front end never talks to the kernel: this package only runs
+``iptables-restore-translate``, which is a pure text translator.
+"""
