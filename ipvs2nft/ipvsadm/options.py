@@ -174,7 +174,7 @@ def build_parser():  # -> argparse.ArgumentParser
 
     parser = argparse.ArgumentParser(
         prog="ipvsadm",
-        description="Linux Virtual Server administration, carried out with nftables (ipvs2nft).",
+        description="Every difference from ipvsadm 1.31 and IPVS is listed in compat-matrix.md.",
         add_help=False,
         allow_abbrev=False,
     )
