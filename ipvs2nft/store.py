@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from ipvs2nft import faults
 from ipvs2nft.errors import LockTimeout, StoreError
 from ipvs2nft.model import (
     Dest,
@@ -348,7 +349,7 @@ class Store:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            _fault_point("before-rename")
+            faults.point("before-rename")
             os.replace(tmp, self.path)
             tmp = None
             dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -384,9 +385,3 @@ _SID_RE = re.compile(rb'\n\["[^"\n]*",(\d+),')
 def _all_sids(raw: bytes) -> Iterator[int]:
     for m in _SID_RE.finditer(raw):
         yield int(m.group(1))
-
-
-def _fault_point(name: str) -> None:
-    """Crash-test hook: IPVS2NFT_FAULT=<name> kills the process right here."""
-    if os.environ.get("IPVS2NFT_FAULT") == name:
-        os.kill(os.getpid(), 9)

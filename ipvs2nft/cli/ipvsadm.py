@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ipvs2nft import ipvs, listing
+from ipvs2nft import faults, ipvs, listing
 from ipvs2nft.backend import Backend, open_backend
 from ipvs2nft.errors import Exit, IpvsadmError, KernelError, ListError, PoptError, TryHelp, UsageError
 from ipvs2nft.ipvsadm import cmdline, restore
@@ -86,9 +86,15 @@ class Session:
         return self.backend.observe(table, fresh) if fresh else table
 
     def _commit(self, old: Snapshot, new_table: Table) -> None:
+        """Kernel first, then the store: a kernel refusal changes nothing, and
+        a crash in between leaves the kernel one generation ahead of the
+        store, which the next command notices and repairs (build.incremental)."""
         prepared = self.store.prepare(old, new_table)
+        faults.point("before-kernel")
         self.backend.apply(old, prepared)
+        faults.point("after-kernel")
         self.store.write(prepared)
+        faults.point("after-store")
 
     def begin_batch(self) -> None:
         self.batch = True
