@@ -52,7 +52,9 @@ class Lab:
     servers: int = 3
     ports_tcp: tuple[int, ...] = (80, 443, 8080)
     ports_udp: tuple[int, ...] = (53,)
+    ports_hold: tuple[int, ...] = (7777,)  # connections stay open (echo) on these
     clients: int = 4  # client addresses 198.51.100.2 .. (2+clients-1)
+    vips: tuple[str, ...] = (VIP4, "192.168.0.41", "192.168.0.42")
     state_dir: Path | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
@@ -71,6 +73,9 @@ class Lab:
 
     def client_addresses(self) -> list[str]:
         return [f"198.51.100.{2 + i}" for i in range(self.clients)]
+
+    def client_addresses6(self) -> list[str]:
+        return [f"2001:db8:ffff::{2 + i:x}" for i in range(self.clients)]
 
     # ------------------------------------------------------------ building
     def ns(self, name: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -100,14 +105,16 @@ class Lab:
         # client <-> director
         _run(["ip", "-n", d, "link", "add", "cli0", "type", "veth", "peer", "name", "eth0", "netns", c])
         caddrs = "".join(f"ip addr add {a}/24 dev eth0; " for a in self.client_addresses())
-        self.sh(c, f"{caddrs} ip addr add {CLIENT6}/64 dev eth0 nodad; ip link set eth0 up; "
+        caddrs += "".join(f"ip addr add {a}/64 dev eth0 nodad; " for a in self.client_addresses6()[1:])
+        self.sh(c, f"ip addr add {CLIENT6}/64 dev eth0 nodad; {caddrs} ip link set eth0 up; "
                    f"ip route add default via 198.51.100.1 src {CLIENT4}; "
                    f"ip -6 route add default via 2001:db8:ffff::1")
         self.sh(d, "ip addr add 198.51.100.1/24 dev cli0; ip addr add 2001:db8:ffff::1/64 dev cli0 nodad; "
                    "ip link set cli0 up; ip link add br0 type bridge; "
                    "ip addr add 192.168.100.1/24 dev br0; ip addr add 2001:db8:100::1/64 dev br0 nodad; "
                    "ip link set br0 up; "
-                   f"ip addr add {VIP4}/32 dev lo; ip addr add {VIP6}/128 dev lo; "
+                   + "".join(f"ip addr add {v}/32 dev lo; " for v in self.vips) +
+                   f"ip addr add {VIP6}/128 dev lo; "
                    "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
         for i in range(self.servers):
             r = self.rs(i)
@@ -122,8 +129,9 @@ class Lab:
     def start_server(self, i: int) -> None:
         tcp = ",".join(map(str, self.ports_tcp))
         udp = ",".join(map(str, self.ports_udp))
+        hold = ",".join(map(str, self.ports_hold))
         cmd = ["ip", "netns", "exec", self.rs(i), sys.executable, "-m", "ipvs2nft.labnode", "serve",
-               "--name", rs4(i), "--tcp", tcp, "--udp", udp]
+               "--name", rs4(i), "--tcp", tcp, "--udp", udp, "--hold", hold]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.procs.append(p)
@@ -187,8 +195,32 @@ class Lab:
     def backends(self, host: str, port: int, count: int, **kw) -> list[str | None]:
         return [r["backend"] for r in self.connect(host, port, count, **kw)]
 
+    def session(self, host: str, port: int) -> LabSession:
+        """A long-lived connection from the client (see labnode.session)."""
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        p = subprocess.Popen(["ip", "netns", "exec", self.client, sys.executable, "-m", "ipvs2nft.labnode",
+                              "session", host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env)
+        self.procs.append(p)
+        return LabSession(p, json.loads(p.stdout.readline())["backend"])
+
     def nft(self, *args: str) -> str:
         return self.ns(self.director, "nft", *args).stdout
+
+
+@dataclass
+class LabSession:
+    proc: subprocess.Popen
+    backend: str
+
+    def echo(self, text: str = "ping") -> str | None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline()).get("echo")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
 
 
 def unique_prefix(tag: str = "i2n") -> str:

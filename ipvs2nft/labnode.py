@@ -45,13 +45,20 @@ class _UDP6(_UDP):
         super().server_bind()
 
 
-def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: list[int]) -> None:
+def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: list[int],
+          hold_ports: list[int] = ()) -> None:
+    """Answer with ``name``; on ``hold_ports`` then echo lines until the
+    client closes (a long-lived connection, to watch it survive changes)."""
     reply = (name + "\n").encode()
 
     class TcpHandler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             try:
                 self.request.sendall(reply)
+                if self.server.server_address[1] in hold_ports:
+                    self.request.settimeout(120)
+                    while data := self.request.recv(4096):
+                        self.request.sendall(data)
             except OSError:
                 pass
 
@@ -64,7 +71,7 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: lis
                 pass
 
     servers = []
-    for port in tcp_ports:
+    for port in list(tcp_ports) + list(hold_ports):
         servers += [_TCP(("0.0.0.0", port), TcpHandler), _TCP6(("::", port), TcpHandler)]
     for port in udp_ports:
         servers += [_UDP(("0.0.0.0", port), UdpHandler), _UDP6(("::", port), UdpHandler)]
@@ -131,6 +138,25 @@ def _one(family, host, port, proto, timeout, src, sport) -> str | None:
         return data.decode().strip() or None
 
 
+def session(host: str, port: int, timeout: float) -> None:
+    """One long-lived TCP connection: print the server's name, then for each
+    line on stdin send it and print the echo (or the error) -- to show an
+    established connection still works after the table changed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        reader = s.makefile("rb")
+        print(json.dumps({"backend": reader.readline().decode().strip()}), flush=True)
+        for line in sys.stdin:
+            try:
+                s.sendall(line.encode())
+                echo = reader.readline().decode().strip()
+                print(json.dumps({"echo": echo or None}), flush=True)
+            except OSError as exc:
+                print(json.dumps({"echo": None, "error": exc.strerror or str(exc)}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m ipvs2nft.labnode")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -139,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--tcp", default="")
     sv.add_argument("--udp", default="")
     sv.add_argument("--sctp", default="")
+    sv.add_argument("--hold", default="", help="TCP ports whose connections stay open (echo)")
     cn = sub.add_parser("connect")
     cn.add_argument("host")
     cn.add_argument("port", type=int)
@@ -147,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     cn.add_argument("--timeout", type=float, default=2.0)
     cn.add_argument("--from", dest="sources", default="")
     cn.add_argument("--sport", type=int)
+    se = sub.add_parser("session")
+    se.add_argument("host")
+    se.add_argument("port", type=int)
+    se.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
     ports = lambda text: [int(p) for p in text.split(",") if p]  # noqa: E731
-    if args.cmd == "serve":
-        serve(args.name, ports(args.tcp), ports(args.udp), ports(args.sctp))
+    if args.cmd == "session":
+        session(args.host, args.port, args.timeout)
+    elif args.cmd == "serve":
+        serve(args.name, ports(args.tcp), ports(args.udp), ports(args.sctp), ports(args.hold))
     else:
         connect(args.host, args.port, args.count, args.proto, args.timeout,
                 [s for s in args.sources.split(",") if s], args.sport)
