@@ -197,13 +197,16 @@ class Table:
     that needs the table as it was takes a ``copy()`` first.
     """
 
-    __slots__ = ("index", "timeouts", "daemons")
+    __slots__ = ("index", "timeouts", "daemons", "snat")
 
     def __init__(self, services: Iterable[Service] = (), timeouts: Timeouts | None = None,
-                 daemons: tuple[SyncDaemon, ...] = ()) -> None:
+                 daemons: tuple[SyncDaemon, ...] = (), snat: str = "") -> None:
         self.index: dict[ServiceKey, Service] = {s.key: s for s in services}
         self.timeouts = timeouts or Timeouts()
         self.daemons = daemons  # master before backup
+        # ipvs2nft's own option, not IPVS state: source NAT for balanced
+        # connections ("" off, "masquerade", or source addresses "A[,B]")
+        self.snat = snat
 
     @property
     def services(self) -> Iterable[Service]:
@@ -221,12 +224,12 @@ class Table:
         del self.index[key]
 
     def copy(self) -> Table:
-        table = Table(timeouts=self.timeouts, daemons=self.daemons)
+        table = Table(timeouts=self.timeouts, daemons=self.daemons, snat=self.snat)
         table.index = dict(self.index)
         return table
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Table) and self.index == other.index
+        return (isinstance(other, Table) and self.index == other.index and self.snat == other.snat
                 and self.timeouts == other.timeouts and self.daemons == other.daemons)
 
     def daemon(self, state: str) -> SyncDaemon | None:

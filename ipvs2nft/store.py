@@ -140,6 +140,7 @@ def _header(generation: int, next_rid: int, table: Table) -> bytes:
         "timeouts": [t.tcp, t.tcpfin, t.udp],
         "daemons": [[d.state, d.mcast_ifn, d.syncid, d.sync_maxlen, d.mcast_af, d.mcast_group,
                      d.mcast_port, d.mcast_ttl] for d in table.daemons],
+        "snat": table.snat,
     }
     text = json.dumps(head, separators=(",", ":"))
     return text[:-1].encode() + b',"services":[\n'
@@ -168,7 +169,10 @@ def _table_from(head: dict, services: Iterable[Service], path: str) -> Table:
     try:
         daemons = tuple(SyncDaemon(*d) for d in head["daemons"])
         timeouts = Timeouts(*head["timeouts"])
-        return Table(services, timeouts, daemons)
+        snat = head.get("snat", "")
+        if not isinstance(snat, str):
+            raise TypeError("snat is not a string")
+        return Table(services, timeouts, daemons, snat)
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(path, f"bad header: {exc}") from None
 
@@ -314,7 +318,7 @@ class Store:
             services.append(Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark,
                                     svc.scheduler, svc.flags, svc.timeout, svc.netmask,
                                     svc.pe_name, tuple(dests), sid, svc.sched))
-        return Table(services, table.timeouts, table.daemons), next_rid
+        return Table(services, table.timeouts, table.daemons, table.snat), next_rid
 
     def _splice(self, old: Snapshot, table: Table) -> bytes:
         """The service lines of ``old.raw`` with the loaded services replaced."""

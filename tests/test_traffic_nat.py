@@ -265,3 +265,22 @@ def test_foreign_table_is_untouched(lab):
         assert lab.nft("list", "table", "inet", "foreign") == before, c
     assert lab.ipvsadm("-A -t 1.2.3.4:80 -s bogus", check=False).returncode == 255
     assert lab.nft("list", "table", "inet", "foreign") == before
+
+
+def test_snat_option_for_servers_that_do_not_route_back(lab):
+    """One-arm setups: the real server's default route does not go through
+    the director.  Without the option the reply never returns; with
+    `ipvs2nft snat masquerade` the server sees the director as the client."""
+    add(lab, f"-A -t {V} -s rr", f"-a -t {V} -r {rs4(0)}:80 -m")
+    lab.sh(lab.rs(0), "ip route del default; ip route add 198.51.100.0/24 via 192.168.100.250 dev eth0 onlink")
+    try:
+        assert lab.backends(VIP4, 80, 1, timeout=1.0) == [None]
+        exe = lab.ipvsadm("snat masquerade", prog="ipvs2nft")
+        assert exe.returncode == 0, exe.stderr
+        assert lab.ipvsadm("snat", prog="ipvs2nft").stdout == "masquerade\n"
+        assert lab.backends(VIP4, 80, 2) == [rs4(0)] * 2
+        lab.ipvsadm("snat off", prog="ipvs2nft")
+        assert lab.backends(VIP4, 80, 1, timeout=1.0) == [None]
+        assert lab.ipvsadm("snat 10.0.0.1,10.0.0.2", prog="ipvs2nft", check=False).returncode == 2
+    finally:
+        lab.sh(lab.rs(0), "ip route del 198.51.100.0/24; ip route add default via 192.168.100.1")

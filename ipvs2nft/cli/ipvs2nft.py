@@ -47,7 +47,54 @@ def build_parser() -> argparse.ArgumentParser:
                          "commands for the lifted services")
     tr.add_argument("--strict", action="store_true",
                     help="fail instead of warning when a feature is only approximated")
+    sn = sub.add_parser("snat", help="source-NAT balanced connections (one-arm setups)",
+                        description="When real servers do not route their replies back through "
+                                    "the director, source-NAT the connections ipvs2nft balances: "
+                                    "masquerade (the director's outgoing address) or fixed source "
+                                    "addresses, one per family.  ipvsadm has no such option.")
+    sn.add_argument("mode", nargs="?", metavar="off|masquerade|ADDRESS[,ADDRESS6]",
+                    help="the new setting; without it, print the current one")
     return ap
+
+
+def _snat_value(mode: str) -> str:
+    """Validate the snat setting; raise ValueError with a message."""
+    if mode == "off":
+        return ""
+    if mode == "masquerade":
+        return mode
+    import ipaddress
+
+    addrs = [ipaddress.ip_address(a) for a in mode.split(",")]
+    if len({a.version for a in addrs}) != len(addrs):
+        raise ValueError("at most one address per family")
+    return ",".join(str(a) for a in addrs)
+
+
+def cmd_snat(args) -> int:
+    from ipvs2nft.cli.ipvsadm import open_session
+    from ipvs2nft.errors import IpvsadmError
+
+    try:
+        session = open_session()
+        if args.mode is None:
+            sys.stdout.write((session.store.read_services([]).table.snat or "off") + "\n")
+            return 0
+        try:
+            value = _snat_value(args.mode)
+        except ValueError as exc:
+            sys.stderr.write(f"ipvs2nft: snat: {args.mode!r}: {exc}\n")
+            return 2
+
+        def change(table):
+            table.snat = value
+            return table
+
+        session.mutate([], change)
+    except IpvsadmError as exc:
+        sys.stderr.write(exc.message + "\n")
+        return exc.status
+    return 0
 
 
 def _read(path: str) -> bytes:
@@ -116,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "translate":
         return cmd_translate(args)
+    if args.command == "snat":
+        return cmd_snat(args)
     return 2  # pragma: no cover - argparse requires a command
 
 

@@ -213,7 +213,8 @@ def _argv0() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ipvsadm"
 
 
-def _session() -> Session:
+def open_session() -> Session:
+    """A session on the configured store and back end."""
     store = Store()
     return Session(store=store, backend=open_backend(store))
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     argv0 = _argv0()
     session = None
     try:
-        session = _session()
+        session = open_session()
         if not argv:
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
@@ -287,7 +288,7 @@ def restore_main(argv: list[str] | None = None) -> int:
     argv0 = "ipvsadm"
     session = None
     try:
-        session = _session()
+        session = open_session()
         status = _restore(argv0, session, text, flush_first=True)
         return _finish(session, status)
     except Exit as exc:

@@ -273,7 +273,7 @@ def analyse(steps: Sequence[Step], shares: Sequence[Fraction], label: str, overr
                   f"it only sees what line {', '.join(str(t.line) for t in steps[:i])} "
                   "let through" if i else "")
         text = (f"sends {pct(shares[i])} of new connections to {name(s.dest)}, "
-                f"not the {pct(intended[i])} that {s.written()} suggests")
+                f"probably meant {pct(intended[i])} ({s.written()})")
         findings.append((s.line, text + (f": {reason}" if reason else "")))
     if leftover > 0:
         lines = f"line {steps[0].line}" if len(steps) == 1 else \

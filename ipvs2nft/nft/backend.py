@@ -113,8 +113,7 @@ class NftBackend(Backend):
     # ------------------------------------------------------------ applying
     def apply(self, old, new) -> None:
         """Take the kernel from snapshot ``old`` to snapshot ``new``."""
-        script = build.incremental(old.table.services, new.table.services, old.table.timeouts,
-                                   new.table.timeouts, old.generation, new.generation)
+        script = build.incremental(old.table, new.table, old.generation, new.generation)
         if script is not None:
             try:
                 self.nft.run(script.text())
@@ -137,7 +136,7 @@ class NftBackend(Backend):
             elif svc.key not in touched:
                 services.append(svc)
         services.extend(changed.values())
-        return Table(services, new.table.timeouts, new.table.daemons)
+        return Table(services, new.table.timeouts, new.table.daemons, new.table.snat)
 
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our table as a whole (one transaction)."""

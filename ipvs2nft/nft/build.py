@@ -66,6 +66,9 @@ PERSIST_SIZE = 1048576
 # the name "dstnat" is not valid on the output hook, hence the number.
 NAT_PRIORITY = "-99"
 L4 = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_SCTP: "sctp"}
+# With the SNAT option every connection this table DNATs carries this conntrack
+# label bit, and postrouting source-NATs exactly those.
+SNAT_LABEL = 127
 
 
 @dataclass
@@ -111,9 +114,14 @@ def _ip(svc: Service) -> str:
 
 # ---------------------------------------------------------------- skeleton
 
-def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
+def _label(snat: str) -> str:
+    return f"ct label set {SNAT_LABEL} " if snat else ""
+
+
+def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = "") -> None:
     """The table and its fixed objects."""
     s = script.add
+    label = _label(snat)
     s(f"add table {TABLE}")
     s(f"add map {TABLE} svc4 {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
     s(f"add map {TABLE} svc6 {{ type ipv6_addr . inet_proto . inet_service : verdict; }}")
@@ -137,9 +145,9 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
     for fam, ip in (("4", "ip"), ("6", "ip6")):
         chain = f"pick{fam}"
         s(f"add chain {TABLE} {chain}")
-        s(f"add rule {TABLE} {chain} dnat {ip} to meta priority map @nat{fam}a")
+        s(f"add rule {TABLE} {chain} {label}dnat {ip} to meta priority map @nat{fam}a")
         for proto in ("tcp", "udp", "sctp"):
-            s(f"add rule {TABLE} {chain} meta l4proto {proto} dnat {ip} to meta priority map @nat{fam}")
+            s(f"add rule {TABLE} {chain} meta l4proto {proto} {label}dnat {ip} to meta priority map @nat{fam}")
         s(f"add rule {TABLE} {chain} meta priority vmap @slots")
         s(f"add rule {TABLE} {chain} goto unreachable")
     s(f"add chain {TABLE} dispatch")
@@ -153,7 +161,22 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int) -> None:
     s(f"add rule {TABLE} prerouting jump dispatch")
     s(f"add chain {TABLE} output {{ type nat hook output priority {NAT_PRIORITY}; policy accept; }}")
     s(f"add rule {TABLE} output jump dispatch")
+    if snat:
+        s(f"add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}")
+        for rule in _snat_rules(snat):
+            s(f"add rule {TABLE} postrouting ct label {SNAT_LABEL} {rule}")
     s(f"add element {TABLE} gen {{ {generation} }}")
+
+
+def _snat_rules(snat: str) -> list[str]:
+    """"masquerade", or one source address per family ("A[,B]")."""
+    if snat == "masquerade":
+        return ["masquerade"]
+    rules = []
+    for addr in snat.split(","):
+        ip = ipaddress.ip_address(addr)
+        rules.append(f"meta nfproto ipv{ip.version} snat ip{'' if ip.version == 4 else '6'} to {ip}")
+    return rules
 
 
 def ct_timeouts(script: Script, t: Timeouts) -> None:
@@ -277,14 +300,14 @@ def _dnat(svc: Service, dest: Dest) -> list[str]:
     return [f"meta l4proto {L4[svc.protocol]} dnat {fam} to {addr}:{dest.port}"]
 
 
-def rs_rules(svc: Service, dest: Dest) -> list[str]:
+def rs_rules(svc: Service, dest: Dest, snat: str = "") -> list[str]:
     """Rule bodies of ``rs_<rid>``."""
     first = "counter"
     if svc.persistent:
         key, fam = _client_key(svc), _fam(svc)
         first = f"update @persist{fam} {{ {key} . {dest.rid:#010x} timeout {svc.timeout}s }} counter"
     if dest.fwd is Forward.MASQ and dest.af == svc.af:
-        actions = _dnat(svc, dest)
+        actions = [_label(snat) + a for a in _dnat(svc, dest)]
     else:
         actions = _not_nat(svc, dest)
     return [f"{first} {actions[0]}"] + actions[1:]
@@ -295,9 +318,9 @@ def _not_nat(svc: Service, dest: Dest) -> list[str]:
     return ["goto unreachable"]
 
 
-def rs_chain_rules(script: Script, svc: Service, dest: Dest) -> None:
+def rs_chain_rules(script: Script, svc: Service, dest: Dest, snat: str = "") -> None:
     chain = rs_chain(dest)
-    for body in rs_rules(svc, dest):
+    for body in rs_rules(svc, dest, snat):
         script.add(f"add rule {TABLE} {chain} {body}")
 
 
@@ -328,7 +351,8 @@ def _delete_elements(script: Script, elements: dict[str, list[str]]) -> None:
         script.add(f"delete element {TABLE} {name} {{ {keys} }}")
 
 
-def add_service(script: Script, svc: Service, elements: dict[str, list[str]] | None = None) -> None:
+def add_service(script: Script, svc: Service, elements: dict[str, list[str]] | None = None,
+                snat: str = "") -> None:
     """Everything a service needs, into an existing table.  With
     ``elements`` the map elements are collected there instead of written."""
     own = elements is None
@@ -337,7 +361,7 @@ def add_service(script: Script, svc: Service, elements: dict[str, list[str]] | N
     for d in svc.dests:
         if needs_chain(svc, d):
             script.add(f"add chain {TABLE} {rs_chain(d)}")
-            rs_chain_rules(script, svc, d)
+            rs_chain_rules(script, svc, d, snat)
     script.add(f"add chain {TABLE} {svc_chain(svc)}")
     service_chain(script, svc, slots)
     for name, items in slot_elements(svc, slots).items():
@@ -357,10 +381,10 @@ def full(table: Table, generation: int, replace_existing: bool = True) -> Script
     if replace_existing:
         script.add(f"add table {TABLE}")
         script.add(f"delete table {TABLE}")
-    skeleton(script, table.timeouts, generation)
+    skeleton(script, table.timeouts, generation, table.snat)
     elements: dict[str, list[str]] = {}
     for svc in table.services:
-        add_service(script, svc, elements)
+        add_service(script, svc, elements, table.snat)
     _add_elements(script, elements)
     return script
 
@@ -376,7 +400,7 @@ def remove_service(script: Script, svc: Service) -> None:
             script.add(f"delete chain {TABLE} {rs_chain(d)}")
 
 
-def change_service(script: Script, old: Service, new: Service) -> None:
+def change_service(script: Script, old: Service, new: Service, snat: str = "") -> None:
     """The smallest change from ``old`` to ``new`` (same identity, same sid)."""
     old_chains = {d.rid: d for d in old.dests if needs_chain(old, d)}
     new_chains = {d.rid: d for d in new.dests if needs_chain(new, d)}
@@ -385,10 +409,10 @@ def change_service(script: Script, old: Service, new: Service) -> None:
     for rid, d in new_chains.items():
         if rid not in old_chains:
             script.add(f"add chain {TABLE} {rs_chain(d)}")
-            rs_chain_rules(script, new, d)
-        elif rs_rules(old, old_chains[rid]) != rs_rules(new, d):
+            rs_chain_rules(script, new, d, snat)
+        elif rs_rules(old, old_chains[rid], snat) != rs_rules(new, d, snat):
             script.add(f"flush chain {TABLE} {rs_chain(d)}")
-            rs_chain_rules(script, new, d)
+            rs_chain_rules(script, new, d, snat)
     slots = service_slots(new, script)
     service_chain(script, new, slots)
     _add_elements(script, slot_elements(new, slots))
@@ -397,31 +421,30 @@ def change_service(script: Script, old: Service, new: Service) -> None:
             script.add(f"delete chain {TABLE} {rs_chain(d)}")
 
 
-def incremental(old: Iterable[Service], new: Iterable[Service], old_timeouts: Timeouts,
-                new_timeouts: Timeouts, old_generation: int, generation: int) -> Script | None:
-    """A transaction taking the kernel from ``old`` to ``new`` services.
+def incremental(old: Table, new: Table, old_generation: int, generation: int) -> Script | None:
+    """A transaction taking the kernel from table ``old`` to table ``new``.
 
-    ``old``/``new`` may be the services one command touched; services in
+    The tables may hold only the services one command touched; services in
     neither are left alone.  The generation swap makes the whole transaction
     fail if the kernel table is not the one the store describes.  None when
-    only a full rebuild can do it: nft 1.0.6 keeps an existing ct timeout
-    object as it is on ``add``, and chains refer to it, so new timeouts
-    (``--set``) mean new objects and a new table.
+    only a full rebuild can do it: new timeouts (nft 1.0.6 keeps an existing
+    ct timeout object as it is on ``add``, and chains refer to it) or a
+    changed SNAT option (every DNAT rule changes).
     """
-    if new_timeouts != old_timeouts:
+    if new.timeouts != old.timeouts or new.snat != old.snat:
         return None
     script = Script()
     script.add(f"delete element {TABLE} gen {{ {old_generation} }}")
     script.add(f"add element {TABLE} gen {{ {generation} }}")
-    old_by_key = {s.key: s for s in old}
-    new_by_key = {s.key: s for s in new}
+    old_by_key = {s.key: s for s in old.services}
+    new_by_key = {s.key: s for s in new.services}
     for key, svc in old_by_key.items():
         if key not in new_by_key:
             remove_service(script, svc)
     for key, svc in new_by_key.items():
         before = old_by_key.get(key)
         if before is None:
-            add_service(script, svc)
+            add_service(script, svc, snat=new.snat)
         elif before != svc:
-            change_service(script, before, svc)
+            change_service(script, before, svc, new.snat)
     return script

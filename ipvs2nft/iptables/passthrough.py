@@ -1,0 +1,202 @@
+"""Every rule that is not part of an idiom, through iptables-restore-translate.
+
+The remaining rules of each family are written back as one iptables-restore
+document (in their final chain order, so ``-I n`` and ``-D`` are already
+applied, which ``iptables-translate -I`` alone would lose) and handed to
+``iptables-restore-translate`` / ``ip6tables-restore-translate`` (Debian
+package iptables).  Each rule carries a marker comment ``i2n:<uid>`` so
+every output line can be traced back to its input line; the marker is
+replaced by the rule's own comment afterwards.
+
+What the tool gets wrong is caught here, not passed on silently:
+
+* untranslatable rules come out as ``# -t table -A ...`` with exit status 0
+  (measured: -m recent, u32, string, socket, ipvs, -j CT --helper, NETMAP,
+  TPROXY; ../shared/reference/peers.md section 3): they stay in the script as
+  comments and each one is a warning with its line number;
+* ``CONNMARK --set-mark v/m`` comes out as ``ct mark set ct mark xor v and
+  ~m``, which nft 1.0.6 parses as ``xor (v and ~m)``, a no-op: rewritten to
+  ``ct mark set ct mark and ~m xor v``;
+* CONNMARK --save-mark/--restore-mark with partial masks lose the bits
+  outside the mask (nft cannot combine two marks): a warning;
+* a rule comment with a double quote is printed unquotable: the quote is
+  replaced by a single one;
+* ``[packets:bytes]`` rule counters are dropped: they are put back as
+  ``counter packets P bytes B``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from ipvs2nft.iptables.rules import BUILTIN_CHAINS, ParseError, Rule, Ruleset
+
+TOOLS = {4: "iptables-restore-translate", 6: "ip6tables-restore-translate"}
+MARKER = "i2n:"
+_MARKED = re.compile(r' comment "' + MARKER + r'(\d+)"')
+_UNTRANSLATED = re.compile(r"\s*-m comment --comment " + MARKER + r"(\d+)")
+_CONNMARK_XOR_AND = re.compile(r"ct mark set ct mark xor (0x[0-9a-f]+) and (0x[0-9a-f]+)")
+FULL = 0xFFFFFFFF
+
+
+@dataclass
+class Passthrough:
+    """The translated rules of one family: script lines, warnings, notes."""
+
+    lines: list[str] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)
+    notes: list[tuple[int, str]] = field(default_factory=list)
+    untranslated: int = 0
+
+
+def quote(word: str) -> str:
+    """A word as iptables-restore splits it (double quotes, backslash escapes)."""
+    if word and not re.search(r'[\s"\'\\#]', word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def document(ruleset: Ruleset, family: int, consumed: set[int]) -> tuple[str, dict[int, Rule]]:
+    """The remaining rules as an iptables-restore document; rules by uid."""
+    out: list[str] = []
+    by_uid: dict[int, Rule] = {}
+    for (fam, name), table in ruleset.tables.items():
+        if fam != family:
+            continue
+        chains = []
+        for chain in table.chains.values():
+            rules = [r for r in chain.rules if r.uid not in consumed]
+            builtin = chain.name in BUILTIN_CHAINS.get(name, ())
+            if rules or chain.policy not in ("ACCEPT",) or not builtin:
+                chains.append((chain, rules))
+        if not chains:
+            continue
+        out.append(f"*{name}")
+        for chain, _ in chains:
+            out.append(f":{chain.name} {chain.policy or '-'} [0:0]")
+        for chain, rules in chains:
+            for r in rules:
+                by_uid[r.uid] = r
+                words = " ".join(quote(w) for w in r.spec)
+                out.append(f"-A {quote(chain.name)} {words} -m comment --comment {MARKER}{r.uid}")
+        out.append("COMMIT")
+    return "".join(line + "\n" for line in out), by_uid
+
+
+def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
+    """Run the Debian translator over the remaining rules of ``family``."""
+    text, by_uid = document(ruleset, family, consumed)
+    result = Passthrough()
+    if not by_uid and not text:
+        return result
+    result.warnings.extend(_mask_warnings(by_uid.values()))
+    tool = shutil.which(TOOLS[family]) or shutil.which(TOOLS[family], path="/usr/sbin:/sbin")
+    if tool is None:
+        for r in by_uid.values():
+            result.warnings.append((r.line, f"not translated: {TOOLS[family]} is missing "
+                                            "(Debian package iptables)"))
+            result.lines.append(f"# untranslated (line {r.line}): {' '.join(r.spec)}")
+        result.untranslated = len(by_uid)
+        return result
+    output = _run(tool, text, by_uid)
+    for line in output.splitlines():
+        _line(line, by_uid, result)
+    return result
+
+
+def _run(tool: str, text: str, by_uid: dict[int, Rule]) -> str:
+    with tempfile.NamedTemporaryFile("w", prefix="ipvs2nft-", suffix=".rules", delete=False) as f:
+        f.write(text)
+        path = f.name
+    try:
+        p = subprocess.run([tool, "-f", path], capture_output=True, text=True)
+    finally:
+        os.unlink(path)
+    if p.returncode != 0:
+        raise _tool_error(p.stderr, text, by_uid)
+    return p.stdout
+
+
+def _tool_error(stderr: str, text: str, by_uid: dict[int, Rule]) -> ParseError:
+    """iptables-restore-translate refused a rule: report it at its input line."""
+    message = next((ln.strip() for ln in stderr.splitlines()
+                    if ln.strip() and "(nf_tables)" not in ln and not ln.startswith("Try ")
+                    and not ln.startswith("Error occurred")), "rule refused")
+    message = re.sub(r"^\S+ v[\d.]+ \([^)]*\):\s*", "", message)
+    m = re.search(r"Error occurred at line: (\d+)", stderr)
+    if m:
+        doc = text.splitlines()[int(m.group(1)) - 1]
+        u = re.search(MARKER + r"(\d+)", doc)
+        if u and int(u.group(1)) in by_uid:
+            return ParseError(by_uid[int(u.group(1))].line, message)
+    first = min((r.line for r in by_uid.values()), default=0)
+    return ParseError(first, message)
+
+
+def _line(line: str, by_uid: dict[int, Rule], result: Passthrough) -> None:
+    if line.startswith("# Translated by") or line.startswith("# Completed on") or not line.strip():
+        return
+    if line.startswith("#"):
+        u = re.search(MARKER + r"(\d+)", line)
+        rule = by_uid.get(int(u.group(1))) if u else None
+        original = _UNTRANSLATED.sub("", line[1:]).strip()
+        where = f"line {rule.line}" if rule else "line ?"
+        result.lines.append(f"# untranslatable ({where}): {original}")
+        result.untranslated += 1
+        if rule is not None:
+            result.warnings.append((rule.line, "iptables-translate cannot translate this rule "
+                                               f"({_modules(rule)}); kept as a comment"))
+        return
+    m = _MARKED.search(line)
+    rule = by_uid.get(int(m.group(1))) if m else None
+    if m:
+        line = line[:m.start()] + line[m.end():]
+    if rule is not None:
+        line = _fix(line, rule, result)
+    result.lines.append(line)
+
+
+def _fix(line: str, rule: Rule, result: Passthrough) -> str:
+    comments = [o.value for m in rule.matches if m.module == "comment" for o in m.opts]
+    if comments:
+        line += ' comment "' + comments[-1].replace('"', "'")[:128] + '"'
+    fixed = _CONNMARK_XOR_AND.sub(r"ct mark set ct mark and \2 xor \1", line)
+    if fixed != line:
+        result.notes.append((rule.line, "CONNMARK value/mask: iptables-translate's "
+                                        "'ct mark set ct mark xor V and M' is a no-op in nft "
+                                        "(and binds tighter); written as 'and M xor V'"))
+        line = fixed
+    if rule.counters is not None and " counter " in line + " ":
+        p, b = rule.counters
+        line = re.sub(r"\bcounter\b", f"counter packets {p} bytes {b}", line, count=1)
+    return line
+
+
+def _modules(rule: Rule) -> str:
+    names = [f"-m {m}" for m in rule.modules() if m != "comment"]
+    if rule.target:
+        names.append(f"-j {rule.target}")
+    return ", ".join(names)
+
+
+def _mask_warnings(rules) -> list[tuple[int, str]]:
+    out = []
+    for r in rules:
+        if r.target != "CONNMARK" or not (r.topt("save-mark") or r.topt("restore-mark")):
+            continue
+        for name in ("mask", "nfmask", "ctmask"):
+            o = r.topt(name)
+            try:
+                partial = o is not None and int(o.value, 0) != FULL
+            except ValueError:
+                partial = False
+            if partial:
+                out.append((r.line, f"CONNMARK --{name}: nft cannot merge two marks, the bits "
+                                    "outside the mask are cleared instead of kept (approximated)"))
+                break
+    return out

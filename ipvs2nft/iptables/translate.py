@@ -1,0 +1,224 @@
+"""``ipvs2nft translate --from iptables``: iptables rules in, nft (or ipvsadm) out.
+
+The load-balancing idioms become services of the one model (lift.py) and go
+through the same builder as ipvsadm input (table ``inet ipvs2nft``, one
+map for all services); every other rule goes through iptables-restore-
+translate (passthrough.py).  The script loads with ``nft -f`` as it is.
+
+Three additions to the builder's script, all in text this module writes:
+
+* slots a cascade leaves un-NATed map to ``accept`` (the builder would send
+  them to ``unreachable``, as IPVS does when it has no server): in iptables
+  such a connection falls through the nat chain and reaches the director;
+* services keyed by something IPVS cannot name (multiport, subnets, an
+  interface) are fwmark services whose mark table ``ipvs2nft_iptables``
+  sets, for new connections only, at priority -101: after the translated
+  mangle table (-150), before nat (-100) and our dispatch (-99);
+* the connection-tracking timeouts of the lifted connections stay the
+  kernel's defaults (``Timeouts`` below), not IPVS's 900/120/300: iptables
+  never changed them.
+
+Importing this module registers the pseudo-schedulers (slots.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+
+from ipvs2nft import sched
+from ipvs2nft.iptables import slots as _slots  # noqa: F401  (registers the schedulers)
+from ipvs2nft.iptables.lift import LiftResult, Lifted, iptables_words, lift, nft_matches
+from ipvs2nft.iptables.parse import parse
+from ipvs2nft.iptables.passthrough import Passthrough
+from ipvs2nft.iptables.passthrough import translate as passthrough
+from ipvs2nft.iptables.rules import ParseError
+from ipvs2nft.iptables.slots import NTH, RANDOM, set_plans
+from ipvs2nft.model import Table, Timeouts
+from ipvs2nft.nft import build
+from ipvs2nft.store import Snapshot, Store
+
+MARK_TABLE = "ipvs2nft_iptables"
+MARK_PRIORITY = -101  # after mangle (-150), before nat (-100) and ipvs2nft's dispatch (-99)
+# nf_conntrack defaults (tcp_timeout_established 5 days, fin_wait 120 s,
+# udp_timeout_stream 120 s): what the iptables setup ran with.  The builder
+# has one UDP value for replied and unreplied flows; unreplied UDP flows
+# (kernel: 30 s) therefore live 120 s.
+CONNTRACK_TIMEOUTS = Timeouts(tcp=432000, tcpfin=120, udp=120)
+
+
+@dataclass
+class Translation:
+    """Everything one input turns into."""
+
+    lifted: LiftResult
+    table: Table  # lifted services, ids assigned
+    passthrough: dict[int, Passthrough]
+    warnings: list[tuple[int, str]] = field(default_factory=list)
+    notes: list[tuple[int, str]] = field(default_factory=list)
+    approximations: int = 0
+    script_lines: list[str] = field(default_factory=list)
+
+
+def run(text: str) -> Translation:
+    """Parse, lift and translate; raises ParseError for input iptables refuses."""
+    ruleset, parse_warnings = parse(text)
+    lifted = lift(ruleset)
+    set_plans({lf.service.key: lf.plan for lf in lifted.lifted})
+    table = Table([lf.service for lf in lifted.lifted], CONNTRACK_TIMEOUTS)
+    table = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table).table
+    through = {fam: passthrough(ruleset, fam, lifted.consumed) for fam in (4, 6)}
+    t = Translation(lifted, table, through)
+    t.warnings = [(_line_of(w), w.split(": ", 1)[1]) for w in parse_warnings]
+    t.warnings += lifted.findings
+    t.notes = list(lifted.notes) + [(lf.rules[0].line, lf.summary) for lf in lifted.lifted]
+    for p in through.values():
+        t.warnings += p.warnings
+        t.notes += p.notes
+        t.approximations += p.untranslated + sum(1 for _, w in p.warnings if "approximated" in w)
+    t.script_lines = _script(t)
+    return t
+
+
+def _line_of(warning: str) -> int:
+    try:
+        return int(warning.split(":", 1)[0].split()[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+# ---------------------------------------------------------------- nft
+
+def _script(t: Translation) -> list[str]:
+    lines = [f"# ipvs2nft translate --from iptables: {len(t.lifted.lifted)} service(s) lifted "
+             f"from {len(t.lifted.consumed)} rule(s); "
+             f"{sum(len(p.lines) for p in t.passthrough.values())} line(s) from "
+             "iptables-restore-translate"]
+    services = list(t.table.services)
+    if services:
+        script = build.full(t.table, generation=1)
+        lines += script.lines
+        for w in script.warnings:
+            t.warnings.append((0, w))
+            t.approximations += 1
+        lines += _accept_slots(services)
+    lines += _marking([lf for lf in t.lifted.lifted if lf.marking], t.table)
+    for fam in (4, 6):
+        lines += t.passthrough[fam].lines
+    return lines
+
+
+def _accept_slots(services) -> list[str]:
+    """Un-NATed slots: the connection goes on un-NATed, as it did in iptables."""
+    out = []
+    for svc in services:
+        if svc.scheduler not in (NTH, RANDOM):
+            continue
+        table = sched.slots(svc, svc.sched).table
+        base = build.slot_base(svc)
+        keys = [str(base + i) for i, d in enumerate(table) if d is None]
+        if keys:
+            out.append(f"add element {build.TABLE} slots {{ {', '.join(f'{k} : accept' for k in keys)} }}")
+    return out
+
+
+def _marking(lifted: list[Lifted], table: Table) -> list[str]:
+    out = []
+    for fam, family in ((4, "ip"), (6, "ip6")):
+        mine = [lf for lf in lifted if lf.key.family == fam]
+        if not mine:
+            continue
+        name = f"{family} {MARK_TABLE}"
+        out += [f"add table {name}", f"delete table {name}", f"add table {name}",
+                f"add chain {name} marks {{ type filter hook prerouting priority {MARK_PRIORITY}; "
+                "policy accept; }"]
+        for lf in mine:
+            fwmark = _prepared(lf, table).fwmark
+            out.append(f"add rule {name} marks ct state new {nft_matches(lf.key)} "
+                       f"meta mark set {fwmark:#010x}")
+    return out
+
+
+def _prepared(lf: Lifted, table: Table):
+    return table.find(lf.service.key)
+
+
+# ---------------------------------------------------------------- ipvsadm
+
+def ipvsadm_rules(t: Translation) -> tuple[str, list[tuple[int, str]], int]:
+    """``ipvsadm -S -n`` lines for the lifted services; notes; approximations."""
+    from ipvs2nft import listing
+
+    notes: list[tuple[int, str]] = []
+    approx = 0
+    services = []
+    for lf in t.lifted.lifted:
+        svc = _prepared(lf, t.table)
+        mapped, note, exact = _ipvs_scheduler(lf, svc)
+        services.append(mapped)
+        notes.append((lf.rules[0].line, f"{lf.label}: {note}"))
+        approx += 0 if exact else 1
+        if lf.marking:
+            notes.append((lf.rules[0].line, f"{lf.label}: mark it as before: iptables -t mangle "
+                                            f"-A PREROUTING {iptables_words(lf.key)} -j MARK "
+                                            f"--set-mark {svc.fwmark}"))
+    others = sum(len(p.lines) for p in t.passthrough.values())
+    if others:
+        notes.append((0, f"{others} line(s) of other rules are not ipvsadm's: use --to nft "
+                         "(or keep them in iptables)"))
+    text = listing.save(Table(services), numeric=True) if services else ""
+    return text, notes, approx
+
+
+def _ipvs_scheduler(lf: Lifted, svc):
+    """The closest IPVS scheduler for a pseudo-scheduler, and what it changes."""
+    table = sched.slots(svc, svc.sched).table
+    unnated = sum(1 for d in table if d is None)
+    lost = f"; the {unnated}/{len(table)} of connections left un-NATed get a server under IPVS" \
+        if unnated else ""
+    dests = [d for d in svc.dests]
+    if svc.scheduler == NTH:
+        once = len(table) == len(dests) and not unnated
+        if once:
+            ds = tuple(replace(d, weight=1) for d in dests)
+            return (replace(svc, scheduler="rr", dests=ds),
+                    "iptables-nth -> rr (same sequence of servers; the round may start "
+                    "elsewhere)", True)
+        return (replace(svc, scheduler="wrr"),
+                f"iptables-nth -> wrr with the same shares, in wrr's order{lost}", False)
+    return (replace(svc, scheduler="wrr"),
+            f"iptables-random -> wrr (IPVS has no random scheduler: same shares, "
+            f"deterministic order){lost}", False)
+
+
+# ---------------------------------------------------------------- entry point
+
+def _say(kind: str, items: list[tuple[int, str]]) -> None:
+    for line, text in sorted(items, key=lambda x: x[0]):
+        where = f"line {line}: " if line else ""
+        sys.stderr.write(f"ipvs2nft: {kind}: {where}{text}\n")
+
+
+def translate(data: bytes, strict: bool = False, target: str = "nft") -> int:
+    """The CLI: print the translation, warnings on stderr; 2 if the input
+    cannot be parsed, 3 with ``strict`` when something is approximated."""
+    text = data.decode("utf-8", "surrogateescape")
+    try:
+        t = run(text)
+    except ParseError as exc:
+        sys.stderr.write(f"ipvs2nft: line {exc.line}: {exc.message}\n")
+        return 2
+    _say("note", t.notes)
+    _say("warning", t.warnings)
+    for lf in t.lifted.lifted:
+        if lf.suggestion:
+            sys.stderr.write(f"ipvs2nft: suggestion: {lf.suggestion}\n")
+    approx = t.approximations
+    if target == "ipvsadm":
+        out, notes, extra = ipvsadm_rules(t)
+        _say("note", notes)
+        approx += extra
+        sys.stdout.write(out)
+    else:
+        sys.stdout.write("".join(line + "\n" for line in t.script_lines))
+    return 3 if strict and approx else 0
