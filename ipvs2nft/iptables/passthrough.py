@@ -124,10 +124,9 @@ def _run(tool: str, text: str, by_uid: dict[int, Rule]) -> str:
 
 def _tool_error(stderr: str, text: str, by_uid: dict[int, Rule]) -> ParseError:
     """iptables-restore-translate refused a rule: report it at its input line."""
-    message = next((ln.strip() for ln in stderr.splitlines()
-                    if ln.strip() and "(nf_tables)" not in ln and not ln.startswith("Try ")
-                    and not ln.startswith("Error occurred")), "rule refused")
-    message = re.sub(r"^\S+ v[\d.]+ \([^)]*\):\s*", "", message)
+    texts = [re.sub(r"^\S+ v[\d.]+ \([^)]*\):\s*", "", ln).strip() for ln in stderr.splitlines()]
+    message = next((t for t in texts if t and not t.startswith("Try ")
+                    and not t.startswith("Error occurred")), "rule refused")
     m = re.search(r"Error occurred at line: (\d+)", stderr)
     if m:
         doc = text.splitlines()[int(m.group(1)) - 1]
