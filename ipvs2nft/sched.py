@@ -262,11 +262,11 @@ def slots(svc: Service, st: SchedState) -> Slots:
     """The slot table for ``svc`` in scheduler state ``st``."""
     if svc.scheduler in EXTRA:
         return EXTRA[svc.scheduler](svc)
-    if svc.scheduler == "none" or not svc.dests:
-        return Slots(())
     kind = _kind(svc)
     exact = svc.scheduler not in APPROXIMATED
     note = "" if exact else f"{svc.scheduler} needs live connection counts; scheduled like {kind}"
+    if svc.scheduler == "none" or not svc.dests:
+        return Slots((), exact=exact, note=note)
     if kind in ("rr", "wrr"):
         table, scaled = _sequence_table(svc, st)
         if scaled:

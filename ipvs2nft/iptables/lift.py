@@ -326,6 +326,7 @@ class Lifted:
     marking: bool = False  # this translator must set service.fwmark itself
     suggestion: str = ""
     analysis: sh.Analysis | None = None
+    steps: list[sh.Step] = field(default_factory=list)  # the cascade, in rule order
     period: list | None = None  # nth: backend (None = not NATed) per connection
 
 
@@ -443,29 +444,33 @@ def _suggestion(key: Key, label: str, steps: list[sh.Step], analysis: sh.Analysi
     value = (lambda b: f"{b.addr} . {b.port or key.dports[0][0]}") if typed and key.simple else \
         (lambda b: str(b.addr) + (f" . {b.port}" if typed else ""))
     head = f"dnat {ip} addr . port to" if typed else "dnat to"
-    if nth:
-        order = _nth_intended_order(steps, analysis.intended)
+    order = _nth_intended_order(steps, analysis.intended) if nth else None
+    if order is not None:
         elements = ", ".join(f"{i} : {value(b)}" for i, b in enumerate(order))
         rule = f"{nft_matches(key)} {head} numgen inc mod {len(order)} map {{ {elements} }}"
-    else:
+    else:  # weighted: contiguous blocks, as on slide 23 (and nftlb's weights)
         weights = sh.small_weights(intended)
         pos, elements = 0, []
         for b, w in weights.items():
             span = f"{pos}" if w == 1 else f"{pos}-{pos + w - 1}"
             elements.append(f"{span} : {value(b)}")
             pos += w
-        rule = f"{nft_matches(key)} {head} numgen random mod {pos} map {{ {', '.join(elements)} }}"
+        gen = "inc" if nth else "random"
+        rule = f"{nft_matches(key)} {head} numgen {gen} mod {pos} map {{ {', '.join(elements)} }}"
     fix = _iptables_fix(steps, analysis.intended, nth, override)
     return f"{label} as probably meant ({analysis.how}): {rule}; in iptables: {fix}"
 
 
-def _nth_intended_order(steps: list[sh.Step], intended: list[Fraction]) -> list:
+def _nth_intended_order(steps: list[sh.Step], intended: list[Fraction]) -> list | None:
+    """Round robin order when every backend gets one turn (``--packet``
+    order when all rules share one ``--every``); None for weighted shares."""
     everies = {s.every for s in steps if s.mode == "nth"}
     packets = [s.packet for s in steps if s.mode == "nth"]
     if len(everies) == 1 and len(packets) == len(steps) == next(iter(everies)) \
             and len(set(packets)) == len(packets):
         return [s.dest for s in sorted(steps, key=lambda s: s.packet)]
-    return sh.interleave(sh.small_weights(sh.by_dest(steps, intended)))
+    weights = sh.small_weights(sh.by_dest(steps, intended))
+    return list(weights) if set(weights.values()) == {1} else None
 
 
 def _iptables_fix(steps: list[sh.Step], intended: list[Fraction], nth: bool, override: bool) -> str:
@@ -592,7 +597,8 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
     svc, ours = _service(key, NTH if nth else RANDOM, dests, marks)
     label = describe(key, svc.fwmark if ours else 0)
     plan = Plan(not nth, tuple(_dest_key(svc, b) for b in table), exact, note)
-    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, period=table)
+    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, steps=steps,
+                    period=table)
     lifted.summary = (f"{label} ({_lines(rules)}) lifted into one {'nth' if nth else 'random'} map: "
                       f"{_share_text(by_dest, analysis.leftover)}")
     if nth:
@@ -651,19 +657,22 @@ def _recent(rule: Rule, verbs: tuple[str, ...]) -> tuple[str, int | None, str | 
 
 
 def _mark_dnats(chain: Chain | None) -> dict[int, _MarkDnat]:
+    """Marks that exactly one nat rule handles, with a plain DNAT to one backend."""
     out: dict[int, _MarkDnat] = {}
     if chain is None:
         return out
+    seen: dict[int, int] = {}
     for r in chain.rules:
         key = key_of(r)
+        if key.mark is not None:
+            seen[key.mark] = seen.get(key.mark, 0) + 1
         b = backend_of(r)
         if r.target != "DNAT" or b is None or not key.marked or r.match("statistic"):
             continue
         rec = _recent(r, ("set", "update")) if r.match("recent") else (None, None, None)
-        if rec is None or key.mark in out:
-            continue
-        out[key.mark] = _MarkDnat(r, b, rec[0], rec[2])
-    return out
+        if rec is not None:
+            out[key.mark] = _MarkDnat(r, b, rec[0], rec[2])
+    return {m: d for m, d in out.items() if seen[m] == 1}
 
 
 def lift_marks(ruleset: Ruleset, family: int, marks: _Marks, out: LiftResult) -> None:
@@ -678,6 +687,8 @@ def lift_marks(ruleset: Ruleset, family: int, marks: _Marks, out: LiftResult) ->
         if v is not None and v in dnats and r.uid not in out.consumed:
             groups.setdefault(key_of(r), []).append(r)
     for key, setters in groups.items():
+        if not any(r.match("statistic") or r.match("recent") for r in setters):
+            continue  # marking alone (slide 24): not a balancing idiom, translated as it is
         used = {_set_value(r) for r in setters}
         others = [r for k, rs in groups.items() if k != key for r in rs if _set_value(r) in used]
         if others:
@@ -729,7 +740,7 @@ def _lift_mark_group(key: Key, setters: list[Rule], dnats: dict[int, _MarkDnat],
     label = describe(key, svc.fwmark if ours else 0)
     rules = setters + [d.rule for d in dnats.values()]
     plan = Plan(True, tuple(_dest_key(svc, b) for b in table), exact, note)
-    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis)
+    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, steps=steps)
     lifted.summary = (f"{label} ({_lines(rules)}) lifted into one random map: "
                       f"{_share_text(by_dest, analysis.leftover)}"
                       + (f"; source persistence {svc.timeout} s" if persist else ""))

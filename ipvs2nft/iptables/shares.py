@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 ONE = 1 << 31  # probability unit of xt_statistic: p is stored as lround(p * 2^31)
@@ -145,7 +145,9 @@ def intended_shares(steps: Sequence[Step], override: bool) -> tuple[list[Fractio
     """The shares the author most likely meant, and how that was read.
 
     Tried in order: each figure is the backend's share of the whole
-    (``--every 2`` = half of all; the figures add up to 1); the opposite
+    (``--every 2`` = half of all; the figures add up to 1); the cascade
+    right but for its end (the last DNAT rule, or the first MARK rule, was
+    meant to take the rest: ``--every 5, 4, 3, 2, 2``); the opposite
     cascade semantics (DNAT rules written as if the last match won, as on
     slide 22, or MARK rules as if the first did); else the figures scaled
     to add up to 1.
@@ -159,6 +161,13 @@ def intended_shares(steps: Sequence[Step], override: bool) -> tuple[list[Fractio
         absolute[catch_all[0]] = rest
     if abs(sum(absolute) - 1) <= Fraction(1, 200) and all(a > 0 for a in absolute):
         return _normalised(absolute), "each figure read as a share of all connections"
+    end = 0 if override else len(steps) - 1
+    closed = [replace(s, mode="always", invert=False) if i == end else s
+              for i, s in enumerate(steps)]
+    closed_shares = override_shares(closed) if override else terminal_shares(closed)
+    if all(c > 0 for c in closed_shares):
+        return closed_shares, ("the first MARK rule read as meant for every connection" if override
+                               else "the last rule read as meant to take the rest")
     mirrored = terminal_shares(steps) if override else override_shares(steps)
     if sum(mirrored) == 1 and all(m > 0 for m in mirrored):
         how = ("MARK rules read as if the first match won" if override

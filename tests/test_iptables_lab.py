@@ -1,0 +1,252 @@
+"""The iptables rules and their translation, side by side, under real traffic.
+
+Two labs (each: client, director with the VIP on lo, real servers): the
+original rules are loaded with iptables-legacy into one director, our
+translation with ``nft -f`` into the other, and the same sequence of
+connections goes through each.
+
+* nth cascades are deterministic: the backend of every connection must be
+  the same on both sides, connection by connection (a connection the rules
+  leave un-NATed reaches the director itself and is refused on both).
+* random cascades: per backend (and "not NATed"), each side's count must be
+  within 4.5 standard deviations of the binomial expectation n*p computed by
+  shares.py, and the two sides within 4.5 sd of each other (sd of a
+  difference: sqrt(2 n p (1-p))).  One check fails by chance with
+  probability ~7e-6; the ~60 checks of this file, ~4e-4 per run.  With 400
+  connections that still tells 33% from 50% (4.5 sd = 10.6 points).
+* persistence: every client must stick to one backend on both sides, and the
+  clients per backend are compared like the random counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import shutil
+import subprocess
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from ipvs2nft.iptables import shares as sh
+from ipvs2nft.iptables import translate
+from ipvs2nft.lab import VIP4, VIP6, Lab, unique_prefix
+from tests.conftest import NETNS_SKIP
+
+pytestmark = [pytest.mark.netns]
+
+FIXTURES = Path(__file__).parent / "fixtures" / "iptables"
+SIGMAS = 4.5
+
+
+def _skip_reason() -> str | None:
+    if NETNS_SKIP:
+        return NETNS_SKIP
+    for tool in ("iptables-legacy", "iptables-legacy-restore", "ip6tables-legacy",
+                 "iptables-restore-translate"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (Debian package iptables)"
+    return None
+
+
+class SideBySide:
+    """Lab ``a`` runs iptables-legacy, lab ``b`` our nft translation."""
+
+    def __init__(self, servers: int = 3, clients: int = 4) -> None:
+        why = _skip_reason()
+        if why:
+            pytest.skip(why)
+        self.a = Lab(unique_prefix("ia"), servers=servers, clients=clients)
+        self.b = Lab(unique_prefix("ib"), servers=servers, clients=clients)
+        self.translation = None
+        self.a.build()
+        try:
+            self.b.build()
+        except BaseException:
+            self.a.close()
+            raise
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+    def load(self, name: str) -> translate.Translation:
+        path = FIXTURES / name
+        if path.suffix == ".sh":
+            script = ('iptables() { iptables-legacy "$@"; }; '
+                      'ip6tables() { ip6tables-legacy "$@"; }; . ' + str(path))
+            self.a.sh(self.a.director, script)
+        else:
+            tool = "ip6tables-legacy-restore" if path.suffix == ".rules6" else "iptables-legacy-restore"
+            p = subprocess.run(["ip", "netns", "exec", self.a.director, tool], input=path.read_text(),
+                               capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
+        self.translation = translate.run(path.read_text())
+        with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+            f.write("".join(line + "\n" for line in self.translation.script_lines))
+            f.flush()
+            got = self.b.ns(self.b.director, "nft", "-f", f.name, check=False)
+            assert got.returncode == 0, got.stderr
+        return self.translation
+
+    def both(self, host: str, port: int, count: int, **kw) -> tuple[list[dict], list[dict]]:
+        kw.setdefault("timeout", 1.0)
+        return self.a.connect(host, port, count, **kw), self.b.connect(host, port, count, **kw)
+
+    def expected(self, port: int | None = None) -> dict:
+        """Backend name (None: not NATed) -> share, from the one lifted service."""
+        lifted = self.translation.lifted.lifted
+        if port is not None:
+            lifted = [lf for lf in lifted if lf.service.port == port]
+        (lf,) = lifted
+        out: dict = {}
+        for step, share in zip(lf.steps, lf.analysis.shares):
+            name = str(step.dest.addr) if step.dest is not None else None
+            out[name] = out.get(name, Fraction(0)) + share
+        if lf.analysis.leftover:
+            out[None] = out.get(None, Fraction(0)) + lf.analysis.leftover
+        return out
+
+
+@pytest.fixture
+def sbs():
+    pair = SideBySide()
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+@pytest.fixture
+def sbs5():
+    pair = SideBySide(servers=5)
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+def _backends(results: list[dict]) -> list[str | None]:
+    return [r["backend"] for r in results]
+
+
+def _within(count: int, n: int, p: float, k: float = 1.0) -> bool:
+    sd = math.sqrt(k * n * p * (1 - p))
+    return abs(count - (0 if k == 2 else n * p)) <= SIGMAS * sd + 1e-9
+
+
+def _check_random(expected: dict, a: list, b: list) -> None:
+    n = len(a)
+    ca, cb = collections.Counter(a), collections.Counter(b)
+    assert set(ca) | set(cb) <= set(expected), (ca, cb, expected)
+    for name, share in expected.items():
+        p = float(share)
+        assert _within(ca[name], n, p), f"iptables: {name} {ca[name]}/{n}, expected {p:.4f}"
+        assert _within(cb[name], n, p), f"nft: {name} {cb[name]}/{n}, expected {p:.4f}"
+        assert _within(ca[name] - cb[name], n, p, k=2), f"{name}: iptables {ca[name]}, nft {cb[name]}"
+
+
+# ---------------------------------------------------------------- the seed talk
+
+def test_slide19_nth_sequence(sbs):
+    sbs.load("slide19.sh")
+    a, b = sbs.both(VIP4, 80, 40)
+    assert _backends(a) == _backends(b)
+    # 10, -, 10, 11: the second rule only sees every other connection
+    assert _backends(a)[:4] == ["192.168.100.10", None, "192.168.100.10", "192.168.100.11"]
+
+
+def test_slide22_probability_one_takes_everything(sbs):
+    sbs.load("slide22.sh")
+    a, b = sbs.both(VIP4, 80, 60)
+    assert _backends(a) == _backends(b) == ["192.168.100.10"] * 60
+
+
+def test_slide25_multiport(sbs):
+    sbs.load("slide25.sh")
+    for port in (80, 443):
+        a, b = sbs.both(VIP4, port, 30)
+        assert _backends(a) == _backends(b) == ["192.168.100.10"] * 30
+    a, b = sbs.both(VIP4, 8080, 5)  # not in --dports: not NATed on either side
+    assert _backends(a) == _backends(b) == [None] * 5
+
+
+def test_slide28_persistence():
+    pair = SideBySide(servers=3, clients=40)
+    try:
+        pair.load("slide28.sh")
+        sources = pair.a.client_addresses()
+        a, b = pair.both(VIP4, 80, 5 * len(sources), sources=sources)
+        firsts = {}
+        for side, results in (("iptables", a), ("nft", b)):
+            per_client = collections.defaultdict(set)
+            for r in results:
+                per_client[r["source"]].add(r["backend"])
+            assert all(len(s) == 1 for s in per_client.values()), (side, per_client)
+            firsts[side] = [next(iter(per_client[c])) for c in sources]
+        _check_random(pair.expected(), firsts["iptables"], firsts["nft"])
+    finally:
+        pair.close()
+
+
+# ---------------------------------------------------------------- cascades of 3-5
+
+@pytest.mark.parametrize("name", ["nth3.sh", "nth4.sh", "nth5.sh"])
+def test_nth_cascades(sbs5, name):
+    t = sbs5.load(name)
+    (lf,) = t.lifted.lifted
+    n = 2 * len(lf.period) if len(lf.period) < 64 else 300
+    a, b = sbs5.both(VIP4, 80, n)
+    assert _backends(a) == _backends(b)
+    expected = [str(d.addr) if d is not None else None for d in lf.period]
+    assert _backends(b) == (expected * (n // len(expected) + 1))[:n]
+
+
+@pytest.mark.parametrize("name", ["random3.sh", "random4.sh"])
+def test_random_cascades(sbs5, name):
+    sbs5.load(name)
+    a, b = sbs5.both(VIP4, 80, 400)
+    _check_random(sbs5.expected(), _backends(a), _backends(b))
+
+
+def test_multiport_nth_counter_is_shared_by_both_ports(sbs):
+    sbs.load("multiport-nth.sh")
+    seq_a, seq_b = [], []
+    for port in (80, 443, 443, 80, 80, 80, 443, 80, 443, 443, 80, 443):
+        a, b = sbs.both(VIP4, port, 1)
+        seq_a += _backends(a)
+        seq_b += _backends(b)
+    assert seq_a == seq_b == ["192.168.100.10", "192.168.100.11", "192.168.100.12"] * 4
+
+
+def test_fwmark_cascade_on_the_users_mark(sbs):
+    sbs.load("fwmark-nth.sh")
+    seq_a, seq_b = [], []
+    for port in (80, 443, 443, 80, 443, 80):
+        a, b = sbs.both(VIP4, port, 1)
+        seq_a += _backends(a)
+        seq_b += _backends(b)
+    assert seq_a == seq_b == ["192.168.100.10", "192.168.100.11"] * 3
+
+
+# ---------------------------------------------------------------- IPv6, dumps
+
+def test_ip6tables_nth(sbs):
+    sbs.load("ip6-nth.sh")
+    a, b = sbs.both(VIP6, 80, 54)
+    assert _backends(a) == _backends(b)
+    assert None in _backends(a)  # --every 3 --packet 0/1/2: the cascade leaks
+
+
+def test_iptables_save_dump_mixing_lb_and_filter_rules(sbs):
+    sbs.load("mixed.rules")
+    a, b = sbs.both(VIP4, 80, 30)
+    assert _backends(a) == _backends(b) == ["192.168.100.10", "192.168.100.11", "192.168.100.12"] * 10
+    a, b = sbs.both(VIP4, 443, 400)
+    _check_random(sbs.expected(443), _backends(a), _backends(b))
+    # port 8080: DNAT in a user chain, then the FORWARD filter rejects it
+    a, b = sbs.both(VIP4, 8080, 5)
+    assert _backends(a) == _backends(b) == [None] * 5
+    assert all(r["error"] for r in a + b)
