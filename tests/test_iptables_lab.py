@@ -32,7 +32,7 @@ import pytest
 
 from ipvs2nft.iptables import shares as sh
 from ipvs2nft.iptables import translate
-from ipvs2nft.lab import VIP4, VIP6, Lab, unique_prefix
+from ipvs2nft.lab import VIP4, VIP6, Lab, rs4, rs6, unique_prefix
 from tests.conftest import NETNS_SKIP
 
 pytestmark = [pytest.mark.netns]
@@ -64,9 +64,22 @@ class SideBySide:
         self.a.build()
         try:
             self.b.build()
+            for lab in (self.a, self.b):
+                self._warm_up(lab, servers)
         except BaseException:
-            self.a.close()
+            self.close()
             raise
+
+    @staticmethod
+    def _warm_up(lab: Lab, servers: int) -> None:
+        """Resolve every neighbour first: a first SYN that waits for IPv6
+        neighbour discovery can miss a 1 s connect timeout on one side only."""
+        pings = " ".join(f"ping -c1 -W2 {rs4(i)} >/dev/null & ping -6 -c1 -W2 {rs6(i)} >/dev/null &"
+                         for i in range(servers))
+        lab.sh(lab.director, pings + " wait", check=False)
+        for i in range(servers):
+            lab.sh(lab.rs(i), "ping -c1 -W2 192.168.100.1 >/dev/null; "
+                              "ping -6 -c1 -W2 2001:db8:100::1 >/dev/null", check=False)
 
     def close(self) -> None:
         self.a.close()
@@ -92,7 +105,7 @@ class SideBySide:
         return self.translation
 
     def both(self, host: str, port: int, count: int, **kw) -> tuple[list[dict], list[dict]]:
-        kw.setdefault("timeout", 1.0)
+        kw.setdefault("timeout", 2.0)
         return self.a.connect(host, port, count, **kw), self.b.connect(host, port, count, **kw)
 
     def expected(self, port: int | None = None) -> dict:
