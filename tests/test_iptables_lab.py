@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 
-from ipvs2nft.iptables import shares as sh
 from ipvs2nft.iptables import translate
 from ipvs2nft.lab import VIP4, VIP6, Lab, rs4, rs6, unique_prefix
 from tests.conftest import NETNS_SKIP
@@ -115,7 +114,7 @@ class SideBySide:
             lifted = [lf for lf in lifted if lf.service.port == port]
         (lf,) = lifted
         out: dict = {}
-        for step, share in zip(lf.steps, lf.analysis.shares):
+        for step, share in zip(lf.steps, lf.analysis.shares, strict=True):
             name = str(step.dest.addr) if step.dest is not None else None
             out[name] = out.get(name, Fraction(0)) + share
         if lf.analysis.leftover:
@@ -217,7 +216,7 @@ def test_nth_cascades(sbs5, name):
     assert _backends(b) == (expected * (n // len(expected) + 1))[:n]
 
 
-@pytest.mark.parametrize("name", ["random3.sh", "random4.sh"])
+@pytest.mark.parametrize("name", ["random3.sh", "random4.sh", "mark-random.sh"])
 def test_random_cascades(sbs5, name):
     sbs5.load(name)
     a, b = sbs5.both(VIP4, 80, 400)

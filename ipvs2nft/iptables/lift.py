@@ -94,7 +94,7 @@ class Key:
 
 def _network(text: str) -> IPNetwork | None:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return ipaddress.ip_network(text, strict=True)
     except ValueError:
         return None
 
@@ -476,7 +476,7 @@ def _nth_intended_order(steps: list[sh.Step], intended: list[Fraction]) -> list 
 def _iptables_fix(steps: list[sh.Step], intended: list[Fraction], nth: bool, override: bool) -> str:
     probs = sh.conditional_probabilities(intended, override)
     parts = []
-    for s, p in zip(steps, probs):
+    for s, p in zip(steps, probs, strict=True):
         if p is None or p == 1:
             parts.append(f"line {s.line} without -m statistic")
         elif nth and p.numerator == 1:
@@ -500,8 +500,10 @@ def _step(rule: Rule, backend: Backend) -> sh.Step | None:
     try:
         if mode and mode.value == "nth" and m.get("every"):
             packet = m.get("packet")
-            return sh.Step(rule.line, backend, "nth", int(m.get("every").value),
-                           int(packet.value) if packet else 0, invert=invert)
+            every, first = int(m.get("every").value), int(packet.value) if packet else 0
+            if not 0 <= first < every:
+                return None  # iptables refuses it; passthrough reports the line
+            return sh.Step(rule.line, backend, "nth", every, first, invert=invert)
         if mode and mode.value == "random" and m.get("probability"):
             return sh.Step(rule.line, backend, "random",
                            prob=sh.probability_units(m.get("probability").value), invert=invert)
@@ -604,7 +606,7 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
     if nth:
         lifted.summary += f"; sequence of {len(table)}: " + " ".join(
             str(b) if b is not None else "-" for b in table[:12]) + (" ..." if len(table) > 12 else "")
-        for s, r in zip(steps, rules):
+        for s, r in zip(steps, rules, strict=True):
             pre = key_of(r, before="statistic")
             if s.mode == "nth" and pre != key:
                 out.findings.append((r.line, "-m statistic is checked before the rest of the "

@@ -1,12 +1,15 @@
 """Every rule that is not part of an idiom, through iptables-restore-translate.
 
-The remaining rules of each family are written back as one iptables-restore
-document (in their final chain order, so ``-I n`` and ``-D`` are already
-applied, which ``iptables-translate -I`` alone would lose) and handed to
+All rules of each family are written back as one iptables-restore document
+(in their final chain order, so ``-I n`` and ``-D`` are already applied,
+which ``iptables-translate -I`` alone would lose) and handed to
 ``iptables-restore-translate`` / ``ip6tables-restore-translate`` (Debian
-package iptables).  Each rule carries a marker comment ``i2n:<uid>`` so
-every output line can be traced back to its input line; the marker is
-replaced by the rule's own comment afterwards.
+package iptables).  That also validates the rules the idioms consumed (a
+rule iptables refuses is an input error, lifted or not); their output is
+then dropped, with the base chains and tables nothing else is left in.
+Each rule carries a marker comment ``i2n:<uid>`` so every output line can
+be traced back to its input line; the marker is replaced by the rule's own
+comment afterwards.
 
 What the tool gets wrong is caught here, not passed on silently:
 
@@ -61,52 +64,87 @@ def quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def document(ruleset: Ruleset, family: int, consumed: set[int]) -> tuple[str, dict[int, Rule]]:
-    """The remaining rules as an iptables-restore document; rules by uid."""
+@dataclass
+class Document:
+    """An iptables-restore document of one family, and what to keep of its translation."""
+
+    text: str
+    rules: dict[int, Rule]  # by uid, every rule in the document
+    keep_tables: set[str]
+    keep_chains: set[tuple[str, str]]
+
+
+def document(ruleset: Ruleset, family: int, consumed: set[int]) -> Document:
+    """All rules of ``family`` as an iptables-restore document."""
     out: list[str] = []
-    by_uid: dict[int, Rule] = {}
+    doc = Document("", {}, set(), set())
     for (fam, name), table in ruleset.tables.items():
         if fam != family:
             continue
         chains = []
         for chain in table.chains.values():
-            rules = [r for r in chain.rules if r.uid not in consumed]
             builtin = chain.name in BUILTIN_CHAINS.get(name, ())
-            if rules or chain.policy not in ("ACCEPT",) or not builtin:
-                chains.append((chain, rules))
+            kept = any(r.uid not in consumed for r in chain.rules)
+            if kept or chain.policy != "ACCEPT" or not builtin:
+                doc.keep_tables.add(name)
+                doc.keep_chains.add((name, chain.name))
+            if chain.rules or chain.policy != "ACCEPT" or not builtin:
+                chains.append(chain)
         if not chains:
             continue
         out.append(f"*{name}")
-        for chain, _ in chains:
+        for chain in chains:
             out.append(f":{chain.name} {chain.policy or '-'} [0:0]")
-        for chain, rules in chains:
-            for r in rules:
-                by_uid[r.uid] = r
+        for chain in chains:
+            for r in chain.rules:
+                doc.rules[r.uid] = r
                 words = " ".join(quote(w) for w in r.spec)
                 out.append(f"-A {quote(chain.name)} {words} -m comment --comment {MARKER}{r.uid}")
         out.append("COMMIT")
-    return "".join(line + "\n" for line in out), by_uid
+    doc.text = "".join(line + "\n" for line in out)
+    return doc
 
 
 def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
-    """Run the Debian translator over the remaining rules of ``family``."""
-    text, by_uid = document(ruleset, family, consumed)
+    """Run the Debian translator over the rules of ``family``; keep what the
+    idioms did not consume."""
+    doc = document(ruleset, family, consumed)
     result = Passthrough()
-    if not by_uid and not text:
+    if not doc.text:
         return result
-    result.warnings.extend(_mask_warnings(by_uid.values()))
+    kept = {u: r for u, r in doc.rules.items() if u not in consumed}
+    result.warnings.extend(_mask_warnings(kept.values()))
     tool = shutil.which(TOOLS[family]) or shutil.which(TOOLS[family], path="/usr/sbin:/sbin")
     if tool is None:
-        for r in by_uid.values():
+        for r in kept.values():
             result.warnings.append((r.line, f"not translated: {TOOLS[family]} is missing "
                                             "(Debian package iptables)"))
             result.lines.append(f"# untranslated (line {r.line}): {' '.join(r.spec)}")
-        result.untranslated = len(by_uid)
+        result.untranslated = len(kept)
         return result
-    output = _run(tool, text, by_uid)
+    output = _run(tool, doc.text, doc.rules)
     for line in output.splitlines():
-        _line(line, by_uid, result)
+        if _wanted(line, doc, consumed):
+            _line(line, kept, result)
     return result
+
+
+_ADD_TABLE = re.compile(r"add table ip6? (\S+)$")
+_ADD_CHAIN = re.compile(r"add chain ip6? (\S+) (\S+)")
+
+
+def _wanted(line: str, doc: Document, consumed: set[int]) -> bool:
+    """Drop the output of consumed rules, and tables/base chains left empty."""
+    u = re.search(MARKER + r"(\d+)", line)
+    if u and int(u.group(1)) in consumed:
+        return False
+    m = _ADD_TABLE.match(line)
+    if m:
+        return m.group(1) in doc.keep_tables
+    m = _ADD_CHAIN.match(line)
+    if m:
+        return (m.group(1), m.group(2)) in doc.keep_chains
+    return True
 
 
 def _run(tool: str, text: str, by_uid: dict[int, Rule]) -> str:

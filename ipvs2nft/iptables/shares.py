@@ -92,7 +92,7 @@ def nth_period(steps: Sequence[Step], limit: int = NTH_LIMIT) -> list | None:
     sequence is periodic from the first connection.
     """
     every = [s.every if s.mode == "nth" else 1 for s in steps]
-    start = tuple(e - 1 - s.packet if s.mode == "nth" else 0 for s, e in zip(steps, every))
+    start = tuple(e - 1 - s.packet if s.mode == "nth" else 0 for s, e in zip(steps, every, strict=True))
     state = list(start)
     out: list = []
     while True:
@@ -153,9 +153,9 @@ def intended_shares(steps: Sequence[Step], override: bool) -> tuple[list[Fractio
     to add up to 1.
     """
     chances = [s.chance for s in steps]
-    fixed = [c for s, c in zip(steps, chances) if s.mode != "always"]
+    fixed = [c for s, c in zip(steps, chances, strict=True) if s.mode != "always"]
     rest = 1 - sum(fixed)
-    absolute = [c if s.mode != "always" else Fraction(0) for s, c in zip(steps, chances)]
+    absolute = [c if s.mode != "always" else Fraction(0) for s, c in zip(steps, chances, strict=True)]
     catch_all = [i for i, s in enumerate(steps) if s.mode == "always"]
     if catch_all and rest > 0:
         absolute[catch_all[0]] = rest
@@ -186,7 +186,7 @@ def _normalised(values: list[Fraction]) -> list[Fraction]:
 
 def by_dest(steps: Sequence[Step], shares: Sequence[Fraction]) -> dict:
     out: dict = {}
-    for s, x in zip(steps, shares):
+    for s, x in zip(steps, shares, strict=True):
         if x:
             out[s.dest] = out.get(s.dest, Fraction(0)) + x
     return out

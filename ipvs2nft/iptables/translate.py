@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from ipvs2nft import sched
 from ipvs2nft.iptables import slots as _slots  # noqa: F401  (registers the schedulers)
-from ipvs2nft.iptables.lift import LiftResult, Lifted, iptables_words, lift, nft_matches
+from ipvs2nft.iptables.lift import Lifted, LiftResult, iptables_words, lift, nft_matches
 from ipvs2nft.iptables.parse import parse
 from ipvs2nft.iptables.passthrough import Passthrough
 from ipvs2nft.iptables.passthrough import translate as passthrough
