@@ -62,3 +62,20 @@ def lab4(tmp_path):
         yield lab
     finally:
         lab.close()
+
+
+def _host_ruleset() -> str | None:
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        return None
+    p = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
+    return p.stdout if p.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_ruleset_untouched():
+    """Tests work in namespaces they make; the host's own ruleset must be the
+    same after the whole run as before it."""
+    before = _host_ruleset()
+    yield
+    after = _host_ruleset()
+    assert after == before, "a test changed the host's nftables ruleset"
