@@ -25,6 +25,7 @@ import math
 import shutil
 import subprocess
 import tempfile
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -199,6 +200,27 @@ def test_slide28_persistence():
             assert all(len(s) == 1 for s in per_client.values()), (side, per_client)
             firsts[side] = [next(iter(per_client[c])) for c in sources]
         _check_random(pair.expected(), firsts["iptables"], firsts["nft"])
+    finally:
+        pair.close()
+
+
+def test_persistence_expires_after_its_timeout():
+    """--seconds 2: a client keeps its backend within 2 s, and is scheduled
+    afresh after; it then changes backend with probability 2p(1-p)."""
+    pair = SideBySide(servers=3, clients=60)
+    try:
+        pair.load("slide28-short.sh")
+        sources = pair.a.client_addresses()
+        first = pair.both(VIP4, 80, len(sources), sources=sources)
+        soon = pair.both(VIP4, 80, len(sources), sources=sources)
+        time.sleep(3.5)
+        later = pair.both(VIP4, 80, len(sources), sources=sources)
+        p = float(pair.expected()["192.168.100.11"])
+        for side in (0, 1):
+            assert _backends(soon[side]) == _backends(first[side])
+            changed = sum(x != y for x, y in zip(_backends(first[side]), _backends(later[side]),
+                                                 strict=True))
+            assert changed > 0 and _within(changed, len(sources), 2 * p * (1 - p)), (side, changed)
     finally:
         pair.close()
 

@@ -187,8 +187,18 @@ def test_untranslatable_rule_is_a_warning_and_a_comment(capsys):
             "(-m recent, -j DROP); kept as a comment") in err
     assert "# untranslatable (line 1): -t filter -A INPUT -m recent --name ssh --rcheck " \
            "--seconds 60 -j DROP" in out
-    rc, _, _ = run(capsys, text, strict=True)
-    assert rc == 3
+    rc, out, err = run(capsys, text, strict=True)
+    assert rc == 3 and out == "" and "--strict" in err
+
+
+def test_strict_accepts_an_exact_translation_and_refuses_ipvsadm_approximations(capsys):
+    text = (FIXTURES / "nth3.sh").read_text()
+    rc, out, _ = run(capsys, text, strict=True)
+    assert rc == 0 and out
+    rc, out, _ = run(capsys, text, target="ipvsadm", strict=True)
+    assert rc == 0 and "-s rr" in out  # nth3 is plain round robin
+    rc, out, _ = run(capsys, (FIXTURES / "slide28.sh").read_text(), target="ipvsadm", strict=True)
+    assert rc == 3 and out == ""
 
 
 def test_connmark_value_mask_is_corrected(capsys):

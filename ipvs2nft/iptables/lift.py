@@ -130,7 +130,7 @@ def parse_mark(text: str) -> tuple[int, int] | None:
         return None
 
 
-def _ignorable(module: str, m, table: str) -> bool:
+def _ignorable(module: str, m) -> bool:
     if module in ("statistic", "recent", "comment"):
         return True
     if module in ("state", "conntrack"):
@@ -166,7 +166,7 @@ def key_of(rule: Rule, before: str | None = None) -> Key:
     for m in rule.matches:
         if before is not None and m.module == before:
             break
-        if _ignorable(m.module, m, rule.table):
+        if _ignorable(m.module, m):
             continue
         _match_fields(m, fields, extra)
     return Key(rule.family, extra=tuple(extra), **fields)
@@ -336,6 +336,7 @@ class LiftResult:
     consumed: set[int] = field(default_factory=set)
     findings: list[tuple[int, str]] = field(default_factory=list)
     notes: list[tuple[int, str]] = field(default_factory=list)
+    approximated: int = 0  # findings where the translation may behave differently
 
 
 class _Marks:
@@ -609,6 +610,7 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
         for s, r in zip(steps, rules, strict=True):
             pre = key_of(r, before="statistic")
             if s.mode == "nth" and pre != key:
+                out.approximated += 1
                 out.findings.append((r.line, "-m statistic is checked before the rest of the "
                                              "match, so this nth counter also counts new "
                                              f"connections matching only '{nft_matches(pre)}'; "

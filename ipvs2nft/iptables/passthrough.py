@@ -55,6 +55,7 @@ class Passthrough:
     warnings: list[tuple[int, str]] = field(default_factory=list)
     notes: list[tuple[int, str]] = field(default_factory=list)
     untranslated: int = 0
+    approximated: int = 0
 
 
 def quote(word: str) -> str:
@@ -113,7 +114,9 @@ def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
     if not doc.text:
         return result
     kept = {u: r for u, r in doc.rules.items() if u not in consumed}
-    result.warnings.extend(_mask_warnings(kept.values()))
+    masks = _mask_warnings(kept.values())
+    result.warnings.extend(masks)
+    result.approximated += len(masks)
     tool = shutil.which(TOOLS[family]) or shutil.which(TOOLS[family], path="/usr/sbin:/sbin")
     if tool is None:
         for r in kept.values():

@@ -72,10 +72,11 @@ def run(text: str) -> Translation:
     t.warnings = [(_line_of(w), w.split(": ", 1)[1]) for w in parse_warnings]
     t.warnings += lifted.findings
     t.notes = list(lifted.notes) + [(lf.rules[0].line, lf.summary) for lf in lifted.lifted]
+    t.approximations = lifted.approximated
     for p in through.values():
         t.warnings += p.warnings
         t.notes += p.notes
-        t.approximations += p.untranslated + sum(1 for _, w in p.warnings if "approximated" in w)
+        t.approximations += p.untranslated + p.approximated
     t.script_lines = _script(t)
     return t
 
@@ -201,7 +202,9 @@ def _say(kind: str, items: list[tuple[int, str]]) -> None:
 
 def translate(data: bytes, strict: bool = False, target: str = "nft") -> int:
     """The CLI: print the translation, warnings on stderr; 2 if the input
-    cannot be parsed, 3 with ``strict`` when something is approximated."""
+    cannot be parsed.  With ``strict``, anything approximated or left
+    untranslated fails the run: warnings only, no output, exit 3 (as
+    ``--from ipvsadm --strict`` does)."""
     text = data.decode("utf-8", "surrogateescape")
     try:
         t = run(text)
@@ -218,7 +221,11 @@ def translate(data: bytes, strict: bool = False, target: str = "nft") -> int:
         out, notes, extra = ipvsadm_rules(t)
         _say("note", notes)
         approx += extra
-        sys.stdout.write(out)
     else:
-        sys.stdout.write("".join(line + "\n" for line in t.script_lines))
-    return 3 if strict and approx else 0
+        out = "".join(line + "\n" for line in t.script_lines)
+    if strict and approx:
+        sys.stderr.write(f"ipvs2nft: --strict: {approx} approximated or untranslated item(s); "
+                         "nothing printed\n")
+        return 3
+    sys.stdout.write(out)
+    return 0
