@@ -195,6 +195,20 @@ class Lab:
     def backends(self, host: str, port: int, count: int, **kw) -> list[str | None]:
         return [r["backend"] for r in self.connect(host, port, count, **kw)]
 
+    def direct_routing(self) -> None:
+        """Prepare the real servers for -g: the VIPs on their loopback, not
+        answered in ARP (what LVS-DR requires).  Their replies go back
+        through the director here (one machine), so the director must accept
+        packets from its own VIP (accept_local), a lab artefact only."""
+        vips = "".join(f"ip addr add {v}/32 dev lo; " for v in self.vips) + f"ip addr add {VIP6}/128 dev lo; "
+        for i in range(self.servers):
+            self.sh(self.rs(i), vips + "sysctl -qw net.ipv4.conf.all.arp_ignore=1 "
+                                        "net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.eth0.arp_ignore=1 "
+                                        "net.ipv4.conf.eth0.arp_announce=2")
+        self.sh(self.director, "sysctl -qw net.ipv4.conf.all.accept_local=1 net.ipv4.conf.br0.accept_local=1 "
+                               "net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.br0.rp_filter=0 "
+                               "net.ipv4.conf.default.rp_filter=0")
+
     def session(self, host: str, port: int) -> LabSession:
         """A long-lived connection from the client (see labnode.session)."""
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))

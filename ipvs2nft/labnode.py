@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; Python 3.11 lacks the name
+
 
 class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
@@ -25,19 +27,6 @@ class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 class _TCP6(_TCP):
-    address_family = socket.AF_INET6
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        super().server_bind()
-
-
-class _UDP(socketserver.ThreadingMixIn, socketserver.UDPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-
-
-class _UDP6(_UDP):
     address_family = socket.AF_INET6
 
     def server_bind(self) -> None:
@@ -62,19 +51,12 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: lis
             except OSError:
                 pass
 
-    class UdpHandler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            _, sock = self.request
-            try:
-                sock.sendto(reply, self.client_address)
-            except OSError:
-                pass
-
     servers = []
     for port in list(tcp_ports) + list(hold_ports):
         servers += [_TCP(("0.0.0.0", port), TcpHandler), _TCP6(("::", port), TcpHandler)]
     for port in udp_ports:
-        servers += [_UDP(("0.0.0.0", port), UdpHandler), _UDP6(("::", port), UdpHandler)]
+        for family in (socket.AF_INET, socket.AF_INET6):
+            threading.Thread(target=_udp_server, args=(family, port, reply), daemon=True).start()
     for port in sctp_ports:
         threading.Thread(target=_sctp_server, args=(port, reply), daemon=True).start()
     for srv in servers:
@@ -83,6 +65,30 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: lis
     sys.stdout.flush()
     while True:
         time.sleep(3600)
+
+
+def _udp_server(family: int, port: int, reply: bytes) -> None:
+    """Answer each datagram from the address it was sent to (IP_PKTINFO), as
+    a UDP service must when the director routes it directly (-g): the VIP
+    is only on this server's loopback."""
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        s.bind(("::", port))
+        level, kind = socket.IPPROTO_IPV6, socket.IPV6_PKTINFO
+    else:
+        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        s.bind(("0.0.0.0", port))
+        level, kind = socket.IPPROTO_IP, IP_PKTINFO
+    while True:
+        _, ancillary, _, client = s.recvmsg(4096, 256)
+        info = [data for lvl, typ, data in ancillary if lvl == level and typ == kind]
+        try:
+            s.sendmsg([reply], [(level, kind, info[0])] if info else [], 0, client)
+        except OSError:
+            pass
 
 
 def _sctp_server(port: int, reply: bytes) -> None:

@@ -19,7 +19,7 @@ from ipvs2nft.errors import IpvsadmError
 from ipvs2nft.ipvsadm import cmdline
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.model import Table
-from ipvs2nft.nft import build
+from ipvs2nft.nft import build, direct, tunnels
 from ipvs2nft.store import Snapshot, Store
 
 IGNORED = {"list": "listing", "save": "save", "zero": "zero", "help": "help", "version": "version"}
@@ -151,6 +151,10 @@ def cmd_translate(args) -> int:
     prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
     script = build.full(prepared.table, generation=1)
     warnings += script.warnings
+    devices = direct.tunnels(prepared.table.services)
+    if devices:
+        warnings.append("tunnelled real servers need their tunnel devices before `nft -f`: "
+                        + "; ".join(tunnels.script_lines(devices)))
     for w in warnings:
         sys.stderr.write(f"ipvs2nft: warning: {w}\n")
     if args.strict and script.warnings:

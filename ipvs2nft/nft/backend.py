@@ -17,7 +17,7 @@ from ipvs2nft import sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Service, Table
-from ipvs2nft.nft import build
+from ipvs2nft.nft import build, direct, tunnels
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
@@ -98,7 +98,11 @@ class NftBackend(Backend):
         return table
 
     def _scheduled(self, svc: Service) -> int:
-        data = self.nft.json(f"list chain {build.TABLE} {build.svc_chain(svc)}")
+        if direct.is_direct(svc):
+            where = f"{direct.table('6' if svc.af == 10 else '4')} {direct.chain(svc)}"
+        else:
+            where = f"{build.TABLE} {build.svc_chain(svc)}"
+        data = self.nft.json(f"list chain {where}")
         for item in (data or {}).get("nftables", []):
             rule = item.get("rule")
             if not rule:
@@ -112,7 +116,22 @@ class NftBackend(Backend):
 
     # ------------------------------------------------------------ applying
     def apply(self, old, new) -> None:
-        """Take the kernel from snapshot ``old`` to snapshot ``new``."""
+        """Take the kernel from snapshot ``old`` to snapshot ``new``.
+
+        Tunnel devices the new table needs are created first (and removed
+        again if nftables refuses); those it no longer needs go afterwards.
+        """
+        wanted = direct.tunnels(new.table.services)
+        created = tunnels.ensure(wanted)
+        try:
+            self._apply(old, new)
+        except BaseException:
+            tunnels.remove(created)
+            raise
+        stale = set(direct.tunnels(old.table.services)) - set(wanted)
+        tunnels.remove(sorted(stale))
+
+    def _apply(self, old, new) -> None:
         script = build.incremental(old.table, new.table, old.generation, new.generation)
         if script is not None:
             try:

@@ -55,6 +55,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ipvs2nft import sched
+from ipvs2nft.nft import direct
 from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
 from ipvs2nft.netaddr import AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
 
@@ -161,6 +162,7 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
     s(f"add rule {TABLE} prerouting jump dispatch")
     s(f"add chain {TABLE} output {{ type nat hook output priority {NAT_PRIORITY}; policy accept; }}")
     s(f"add rule {TABLE} output jump dispatch")
+    direct.skeleton(script, timeouts)
     if snat:
         s(f"add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}")
         for rule in _snat_rules(snat):
@@ -217,8 +219,9 @@ def needs_chain(svc: Service, dest: Dest) -> bool:
     masquerading to a server of the service's family is done by the shared
     pick chains; persistence learning and the other forwarding methods are
     per server."""
-    return svc.persistent or dest.fwd is not Forward.MASQ or dest.af != svc.af or (
-        bool(svc.fwmark) and dest.port != 0)
+    if direct.is_direct(svc):
+        return False
+    return svc.persistent or dest.af != svc.af or (bool(svc.fwmark) and dest.port != 0)
 
 
 def _timeout_rules(svc: Service) -> list[str]:
@@ -248,6 +251,13 @@ def _scheduler_rule(svc: Service, slots: sched.Slots) -> str:
 def service_chain(script: Script, svc: Service, slots: sched.Slots) -> None:
     """Rules of ``svc_<sid>`` (the chain itself must exist and be empty)."""
     chain = svc_chain(svc)
+    if direct.is_direct(svc):
+        # scheduled before conntrack in the direct table, which left the key
+        # of a masquerading server in meta priority (direct.py)
+        for rule in _timeout_rules(svc):
+            script.add(f"add rule {TABLE} {chain} {rule}")
+        script.add(f"add rule {TABLE} {chain} goto pick{_fam(svc)}")
+        return
     timeouts = _timeout_rules(svc)
     # one rule per service where possible: loading 10,000 services is
     # mostly a matter of the number of rules and chains
@@ -281,6 +291,12 @@ def slot_elements(svc: Service, slots: sched.Slots) -> dict[str, list[str]]:
     """Elements per map: ``{"nat4": ["65536 : 10.0.0.1 . 80", ...], ...}``."""
     base = slot_base(svc)
     out: dict[str, list[str]] = {}
+    if direct.is_direct(svc):
+        for d in svc.dests:
+            if d.fwd is Forward.MASQ:
+                name, value = _placement(svc, d)
+                out.setdefault(name, []).append(f"{direct.rid_key(d)} : {value}")
+        return out
     for i, d in enumerate(slots.table):
         if d is None:
             continue
@@ -306,16 +322,11 @@ def rs_rules(svc: Service, dest: Dest, snat: str = "") -> list[str]:
     if svc.persistent:
         key, fam = _client_key(svc), _fam(svc)
         first = f"update @persist{fam} {{ {key} . {dest.rid:#010x} timeout {svc.timeout}s }} counter"
-    if dest.fwd is Forward.MASQ and dest.af == svc.af:
+    if dest.af == svc.af:
         actions = [_label(snat) + a for a in _dnat(svc, dest)]
-    else:
-        actions = _not_nat(svc, dest)
+    else:  # another family is only for tunnels, which direct.py handles
+        actions = ["goto unreachable"]
     return [f"{first} {actions[0]}"] + actions[1:]
-
-
-def _not_nat(svc: Service, dest: Dest) -> list[str]:
-    """Direct routing and tunnelling: see nft/forwarding.py (not yet here)."""
-    return ["goto unreachable"]
 
 
 def rs_chain_rules(script: Script, svc: Service, dest: Dest, snat: str = "") -> None:
@@ -340,9 +351,11 @@ def _describe(svc: Service) -> str:
     return f"{L4[svc.protocol].upper()} {addr}:{svc.port}"
 
 
-def _add_elements(script: Script, elements: dict[str, list[str]]) -> None:
+def _add_elements(script: Script, elements: dict) -> None:
+    """Keys are map names of our inet table, or (table, map) of another."""
     for name, items in elements.items():
-        script.add(f"add element {TABLE} {name} {{ {', '.join(items)} }}")
+        where = f"{name[0]} {name[1]}" if isinstance(name, tuple) else f"{TABLE} {name}"
+        script.add(f"add element {where} {{ {', '.join(items)} }}")
 
 
 def _delete_elements(script: Script, elements: dict[str, list[str]]) -> None:
@@ -351,12 +364,13 @@ def _delete_elements(script: Script, elements: dict[str, list[str]]) -> None:
         script.add(f"delete element {TABLE} {name} {{ {keys} }}")
 
 
-def add_service(script: Script, svc: Service, elements: dict[str, list[str]] | None = None,
-                snat: str = "") -> None:
+def add_service(script: Script, svc: Service, elements: dict | None = None, snat: str = "",
+                timeouts: Timeouts | None = None) -> None:
     """Everything a service needs, into an existing table.  With
     ``elements`` the map elements are collected there instead of written."""
     own = elements is None
     elements = {} if own else elements
+    timeouts = timeouts or Timeouts()
     slots = service_slots(svc, script)
     for d in svc.dests:
         if needs_chain(svc, d):
@@ -368,6 +382,9 @@ def add_service(script: Script, svc: Service, elements: dict[str, list[str]] | N
         elements.setdefault(name, []).extend(items)
     name, key = _dispatch_key(svc)
     elements.setdefault(name, []).append(f"{key} : goto {svc_chain(svc)}")
+    if direct.is_direct(svc):
+        direct.add_service(script, svc, slots, _scheduler_rule(svc, slots) if slots.table else "",
+                           slot_base(svc), timeouts, elements)
     if own:
         _add_elements(script, elements)
 
@@ -379,18 +396,21 @@ def full(table: Table, generation: int, replace_existing: bool = True) -> Script
     command per map, after the chains they refer to."""
     script = Script()
     if replace_existing:
-        script.add(f"add table {TABLE}")
-        script.add(f"delete table {TABLE}")
+        for t in (TABLE, direct.table("4"), direct.table("6")):
+            script.add(f"add table {t}")
+            script.add(f"delete table {t}")
     skeleton(script, table.timeouts, generation, table.snat)
-    elements: dict[str, list[str]] = {}
+    elements: dict = {}
     for svc in table.services:
-        add_service(script, svc, elements, table.snat)
+        add_service(script, svc, elements, table.snat, table.timeouts)
     _add_elements(script, elements)
     return script
 
 
 def remove_service(script: Script, svc: Service) -> None:
     """Delete a service: dispatch element, slots, its chains."""
+    if direct.is_direct(svc):
+        direct.remove_service(script, svc, service_slots(svc), slot_base(svc))
     name, key = _dispatch_key(svc)
     script.add(f"delete element {TABLE} {name} {{ {key} }}")
     _delete_elements(script, slot_elements(svc, service_slots(svc)))
@@ -443,8 +463,11 @@ def incremental(old: Table, new: Table, old_generation: int, generation: int) ->
             remove_service(script, svc)
     for key, svc in new_by_key.items():
         before = old_by_key.get(key)
+        if before is not None and before != svc and (direct.is_direct(before) or direct.is_direct(svc)):
+            remove_service(script, before)  # direct services are rebuilt whole
+            before = None
         if before is None:
-            add_service(script, svc, snat=new.snat)
+            add_service(script, svc, snat=new.snat, timeouts=new.timeouts)
         elif before != svc:
             change_service(script, before, svc, new.snat)
     return script

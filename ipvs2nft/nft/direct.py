@@ -1,0 +1,197 @@
+"""Direct routing (-g) and tunnelling (-i): the ``ip``/``ip6 ipvs2nft`` tables.
+
+A direct-routed packet must reach the real server unchanged, with the VIP
+still its destination.  nftables can do that with ``dup to <server>`` (the
+clone goes to the server's link-layer address, or into a tunnel device)
+and ``drop`` of the original -- but ``dup`` is refused in ``inet`` tables,
+hence one table per family, owned by ipvs2nft like ``inet ipvs2nft``.
+
+Measured here (../../notes or compat-matrix.md): doing this in a nat chain
+breaks TCP teardown (the never-confirmed flows' FIN/RST are conntrack-invalid,
+skip the nat chains and the director answers RST).  So dispatch runs in a
+filter chain at priority ``raw``, before conntrack, for address services,
+and at ``mangle + 1`` for fwmark services (after the rules that set the
+mark).  Conntrack keeps no state for these flows, so a dynamic set
+``flows`` (client address . client port . rid) sends every packet of a flow
+to the server its first packet went to; its timeouts follow ``--set``
+(tcpfin once a FIN or RST was seen).
+
+A service with both masquerading and direct servers is scheduled here; when
+the choice is a masquerading server the packet goes on with the slot number
+in ``meta priority``, and the service's chain in ``inet ipvs2nft`` DNATs from
+it (``build.py``).
+"""
+
+from __future__ import annotations
+
+from ipvs2nft import sched
+from ipvs2nft.model import Dest, Forward, Service, Timeouts
+from ipvs2nft.netaddr import AF_INET6
+
+FLOW_SIZE = 1048576
+RID_KEY = 0x80000000  # meta priority key of one masquerading server (rid below 2^31)
+
+
+def table(fam: str) -> str:
+    return f"ip{'' if fam == '4' else '6'} ipvs2nft"
+
+
+def is_direct(svc: Service) -> bool:
+    """Scheduled here: the service has a direct-routed or tunnelled server."""
+    return any(d.fwd is not Forward.MASQ for d in svc.dests)
+
+
+def _fam(svc: Service) -> str:
+    return "6" if svc.af == AF_INET6 else "4"
+
+
+def _ip(fam: str) -> str:
+    return "ip6" if fam == "6" else "ip"
+
+
+def chain(svc: Service) -> str:
+    return f"dsvc_{svc.sid}"
+
+
+def rs_chain(dest: Dest) -> str:
+    return f"drs_{dest.rid}"
+
+
+def tunnel_device(dest: Dest) -> str:
+    return f"i2n{dest.rid}"
+
+
+def rid_key(dest: Dest) -> int:
+    return RID_KEY | dest.rid
+
+
+def skeleton(script, timeouts: Timeouts) -> None:
+    """The fixed part of both direct-routing tables."""
+    for fam in ("4", "6"):
+        t, ip = table(fam), _ip(fam)
+        addr = "ipv6_addr" if fam == "6" else "ipv4_addr"
+        s = script.add
+        s(f"add table {t}")
+        s(f"add map {t} dsvc {{ type {addr} . inet_proto . inet_service : verdict; }}")
+        s(f"add map {t} dsvcp0 {{ type {addr} . inet_proto : verdict; }}")
+        s(f"add map {t} dfwm {{ type mark : verdict; }}")
+        s(f"add map {t} dslots {{ type classid : verdict; }}")
+        s(f"add set {t} flows {{ type {addr} . inet_service . mark; flags dynamic,timeout; "
+          f"size {FLOW_SIZE}; }}")
+        s(f"add set {t} persist {{ type {addr} . mark; flags dynamic,timeout; size {FLOW_SIZE}; }}")
+        s(f"add chain {t} unreachable")
+        s(f"add rule {t} unreachable reject with icmp{'v6' if fam == '6' else ''} type port-unreachable")
+        s(f"add chain {t} pick")
+        s(f"add rule {t} pick meta priority vmap @dslots")
+        s(f"add rule {t} pick goto unreachable")
+        s(f"add chain {t} raw {{ type filter hook prerouting priority raw; policy accept; }}")
+        s(f"add rule {t} raw {ip} daddr . meta l4proto . th dport vmap @dsvc")
+        s(f"add rule {t} raw {ip} daddr . meta l4proto vmap @dsvcp0")
+        s(f"add chain {t} mangle {{ type filter hook prerouting priority mangle + 1; policy accept; }}")
+        s(f"add rule {t} mangle meta l4proto {{ tcp, udp, sctp }} meta mark vmap @dfwm")
+
+
+def _dispatch(svc: Service) -> tuple[str, str]:
+    from ipvs2nft.nft.build import L4
+
+    if svc.fwmark:
+        return "dfwm", f"{svc.fwmark:#010x}"
+    if svc.port == 0:
+        return "dsvcp0", f"{svc.addr} . {L4[svc.protocol]}"
+    return "dsvc", f"{svc.addr} . {L4[svc.protocol]} . {svc.port}"
+
+
+def _client(svc: Service) -> str:
+    from ipvs2nft.nft.build import _client_key
+
+    return _client_key(svc)
+
+
+def _flow_key(svc: Service, fam: str) -> str:
+    return f"{_ip(fam)} saddr . th sport"
+
+
+def service_rules(svc: Service, slots: sched.Slots, scheduler_rule: str) -> list[str]:
+    """Rules of ``dsvc_<sid>``: flow memory, persistence, then a slot."""
+    fam = _fam(svc)
+    rules = [f"{_flow_key(svc, fam)} . meta mark & 0x0 | {d.rid:#010x} @flows goto {rs_chain(d)}"
+             for d in svc.dests]
+    if svc.persistent:
+        rules += [f"{_client(svc)} . meta mark & 0x0 | {d.rid:#010x} @persist goto {rs_chain(d)}"
+                  for d in svc.dests]
+    if slots.table:
+        rules.append(scheduler_rule.replace(f"goto pick{fam}", "goto pick"))
+    else:
+        rules.append("goto unreachable")
+    return rules
+
+
+def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts) -> list[str]:
+    """Rules of ``drs_<rid>``: remember the flow, then forward."""
+    fam = _fam(svc)
+    key = f"{_flow_key(svc, fam)} . {dest.rid:#010x}"
+    if svc.protocol == 17 and not svc.fwmark:
+        rules = [f"update @flows {{ {key} timeout {timeouts.udp}s }}"]
+    else:
+        rules = [f"tcp flags & (fin | rst) != 0 update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
+                 f"tcp flags & (fin | rst) == 0 update @flows {{ {key} timeout {timeouts.tcp}s }}",
+                 f"meta l4proto != tcp update @flows {{ {key} timeout {timeouts.udp}s }}"]
+    if svc.persistent:
+        rules.append(f"update @persist {{ {_client(svc)} . {dest.rid:#010x} timeout {svc.timeout}s }}")
+    if dest.fwd is Forward.MASQ:
+        # handed on to inet ipvs2nft, which DNATs from this key
+        rules.append(f"counter meta priority set {rid_key(dest)} accept")
+    elif dest.fwd is Forward.TUNNEL:
+        rules.append(f"counter dup to {_tunnel_nexthop(svc, dest)} device \"{tunnel_device(dest)}\" drop")
+    else:
+        rules.append(f"counter dup to {dest.addr} drop")
+    return rules
+
+
+def _tunnel_nexthop(svc: Service, dest: Dest) -> str:
+    """``dup`` needs a next hop of the packet's family; the tunnel device, a
+    point-to-point link to the real server, ignores it.  IPv4 over an IPv4
+    tunnel uses the server's address; otherwise a link-local stand-in (an
+    IPv6 tunnel sends nothing to a global next hop -- measured)."""
+    if svc.af != AF_INET6 and dest.af != AF_INET6:
+        return str(dest.addr)
+    return "fe80::1" if svc.af == AF_INET6 else "169.254.0.1"
+
+
+def slot_elements(svc: Service, slots: sched.Slots, base: int) -> list[str]:
+    return [f"{base + i} : goto {rs_chain(d)}" for i, d in enumerate(slots.table) if d is not None]
+
+
+def add_service(script, svc: Service, slots: sched.Slots, scheduler_rule: str, base: int,
+                timeouts: Timeouts, elements: dict) -> None:
+    t = table(_fam(svc))
+    for d in svc.dests:
+        script.add(f"add chain {t} {rs_chain(d)}")
+        for rule in rs_rules(svc, d, timeouts):
+            script.add(f"add rule {t} {rs_chain(d)} {rule}")
+    script.add(f"add chain {t} {chain(svc)}")
+    for rule in service_rules(svc, slots, scheduler_rule):
+        script.add(f"add rule {t} {chain(svc)} {rule}")
+    items = slot_elements(svc, slots, base)
+    if items:
+        elements.setdefault((t, "dslots"), []).extend(items)
+    name, key = _dispatch(svc)
+    elements.setdefault((t, name), []).append(f"{key} : goto {chain(svc)}")
+
+
+def remove_service(script, svc: Service, slots: sched.Slots, base: int) -> None:
+    t = table(_fam(svc))
+    name, key = _dispatch(svc)
+    script.add(f"delete element {t} {name} {{ {key} }}")
+    items = slot_elements(svc, slots, base)
+    if items:
+        keys = ", ".join(e.split(" : ", 1)[0] for e in items)
+        script.add(f"delete element {t} dslots {{ {keys} }}")
+    script.add(f"delete chain {t} {chain(svc)}")
+    for d in svc.dests:
+        script.add(f"delete chain {t} {rs_chain(d)}")
+
+
+def tunnels(services) -> dict[str, Dest]:
+    """Tunnel devices the table needs: name -> real server."""
+    return {tunnel_device(d): d for s in services for d in s.dests if d.fwd is Forward.TUNNEL}
