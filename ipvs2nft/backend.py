@@ -17,6 +17,7 @@ class Backend:
     """Does nothing: the state file is the whole table."""
 
     name = "none"
+    checks = False  # nothing in a kernel to check against the store
 
     def observe(self, table: Table, services: list[Service]) -> Table:
         """``table`` with the scheduler state of ``services`` brought up to
@@ -29,6 +30,21 @@ class Backend:
         A partial snapshot holds only the services the change touches.  One
         transaction; raise BackendError and change nothing if the kernel refuses.
         """
+
+    def generation(self) -> int | None:
+        """The store generation the kernel's tables were last written for."""
+        return None
+
+    def ruleset_genid(self) -> int | None:
+        """The kernel's nftables ruleset generation id (changes with any commit)."""
+        return None
+
+    def verify(self, snapshot) -> bool:
+        """True if our kernel tables are exactly what ``snapshot`` describes."""
+        return True
+
+    def rebuild(self, table: Table, generation: int) -> None:
+        """Replace our kernel tables by ``table`` in one transaction."""
 
     def counters(self) -> Counters:
         return Counters()

@@ -157,6 +157,10 @@ def _split_header(raw: bytes, path: str) -> tuple[dict, int]:
         raise _corrupt(path, str(exc)) from None
     if not isinstance(head, dict) or head.get("schema") != SCHEMA:
         raise _corrupt(path, f"schema is not {SCHEMA}")
+    for name in ("generation", "next_rid"):
+        value = head.get(name)
+        if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+            raise _corrupt(path, f"bad {name}")
     return head, end + 1
 
 
@@ -210,8 +214,8 @@ class Store:
             services = [_service_of(r) for r in rows]
         except (ValueError, TypeError, IndexError, KeyError) as exc:
             raise _corrupt(self.path, str(exc)) from None
-        return Snapshot(_table_from(head, services, self.path), head.get("generation", 0),
-                        head.get("next_rid", 1), False, raw)
+        return Snapshot(_table_from(head, services, self.path), head["generation"], head["next_rid"],
+                        False, raw)
 
     def read_services(self, keys: Iterable[ServiceKey]) -> Snapshot:
         """Only the given services (and the header): what one-service commands need."""
@@ -228,8 +232,8 @@ class Store:
                 services.append(_service_of(json.loads(raw[span[0]:span[1] - 2])))
             except (ValueError, TypeError, IndexError, KeyError) as exc:
                 raise _corrupt(self.path, str(exc)) from None
-        return Snapshot(_table_from(head, services, self.path), head.get("generation", 0),
-                        head.get("next_rid", 1), True, raw)
+        return Snapshot(_table_from(head, services, self.path), head["generation"], head["next_rid"],
+                        True, raw)
 
     # ------------------------------------------------------------ locking
     @contextmanager
@@ -290,8 +294,88 @@ class Store:
         return Snapshot(table, generation, next_rid, old.partial, data)
 
     def write(self, new: Snapshot) -> None:
-        """Make ``new`` (from ``prepare``) the state file."""
-        self._write(new.raw)
+        """Make ``new`` (from ``prepare``) the state file: stage, then publish."""
+        self.publish(self.stage(new))
+
+    def stage(self, new: Snapshot) -> str:
+        """Write ``new`` next to the state file, durably, without making it
+        current.  Done before the kernel transaction, so a full disk or a
+        read-only directory fails before anything has changed; a crash after
+        the kernel leaves this file behind for the next command to publish
+        (its generation is the kernel's).  Returns its path."""
+        self._ensure_directory()
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".state-{new.generation}-",
+                                       suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(new.raw)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if tmp is not None:
+                self.discard(tmp)
+            raise StoreError(f"ipvs2nft: cannot write the state file {self.path}: "
+                             f"{os.strerror(exc.errno or errno.EIO)}; nothing was changed") from None
+        return tmp
+
+    def publish(self, staged: str) -> None:
+        """Rename a staged state file into place (atomic), then sync the directory."""
+        faults.point("before-rename")
+        try:
+            os.replace(staged, self.path)
+            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise StoreError(f"ipvs2nft: cannot replace the state file {self.path}: "
+                             f"{os.strerror(exc.errno or errno.EIO)}") from None
+
+    @staticmethod
+    def discard(staged: str) -> None:
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+
+    def staged(self) -> list[tuple[int, str]]:
+        """State files staged by commands that did not finish: (generation, path)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        found = []
+        for name in names:
+            m = _STAGED_RE.fullmatch(name)
+            if m:
+                found.append((int(m.group(1)), os.path.join(self.directory, name)))
+        return sorted(found)
+
+    # ------------------------------------------------------------ ruleset id
+    @property
+    def seen_path(self) -> str:
+        return self.path + ".genid"
+
+    def seen_genid(self) -> int | None:
+        """The kernel's ruleset generation id after our last commit or check."""
+        try:
+            with open(self.seen_path, encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def record_genid(self, genid: int | None) -> None:
+        if genid is None:
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".genid-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(f"{genid}\n")
+            os.replace(tmp, self.seen_path)
+        except OSError:
+            pass  # only an optimisation: the next command verifies the table
 
     def _assign_ids(self, old: Snapshot, table: Table) -> tuple[Table, int]:
         if all(s.sid and all(d.rid for d in s.dests) for s in table.services):
@@ -343,35 +427,6 @@ class Store:
         out.append(raw[pos:body_end])
         return b"".join(out)
 
-    def _write(self, data: bytes) -> None:
-        """Atomic replace: temp file in the same directory, fsync, rename, fsync dir."""
-        self._ensure_directory()
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".state-", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            faults.point("before-rename")
-            os.replace(tmp, self.path)
-            tmp = None
-            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            code = exc.errno or errno.EIO
-            raise StoreError(f"ipvs2nft: cannot write the state file {self.path}: "
-                             f"{os.strerror(code)}; nothing was changed") from None
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-
 
 def _find_line(raw: bytes, key: ServiceKey) -> tuple[int, int] | None:
     """Byte span of the service's line, newline included."""
@@ -384,6 +439,7 @@ def _find_line(raw: bytes, key: ServiceKey) -> tuple[int, int] | None:
 
 
 _SID_RE = re.compile(rb'\n\["[^"\n]*",(\d+),')
+_STAGED_RE = re.compile(r"\.state-(\d+)-\w+\.tmp")
 
 
 def _all_sids(raw: bytes) -> Iterator[int]:

@@ -86,15 +86,59 @@ class Session:
         return self.backend.observe(table, fresh) if fresh else table
 
     def _commit(self, old: Snapshot, new_table: Table) -> None:
-        """Kernel first, then the store: a kernel refusal changes nothing, and
-        a crash in between leaves the kernel one generation ahead of the
-        store, which the next command notices and repairs (build.incremental)."""
+        """Stage the new state, change the kernel, then publish the state.
+
+        A full disk fails at the staging, a kernel refusal discards the staged
+        file: either way nothing changed.  A crash after the kernel leaves the
+        staged file, whose generation is the kernel's: the next command
+        publishes it (``check``), so store and kernel agree again."""
         prepared = self.store.prepare(old, new_table)
+        staged = self.store.stage(prepared)
         faults.point("before-kernel")
-        self.backend.apply(old, prepared)
+        try:
+            self.backend.apply(old, prepared)
+        except BaseException:
+            self.store.discard(staged)
+            raise
         faults.point("after-kernel")
-        self.store.write(prepared)
+        self.store.publish(staged)
         faults.point("after-store")
+        self.store.record_genid(self.backend.ruleset_genid())
+
+    def check(self) -> None:
+        """Before any command: the kernel must do what the store says.
+
+        Cheap when all is well (the kernel's generation element and the
+        ruleset's generation id, one netlink round trip each).  Otherwise,
+        under the lock: publish a state file a crashed command staged for
+        the kernel's generation, drop other staged files, and rebuild our
+        tables from the store if they still differ -- also after a hand edit
+        inside them, which a changed ruleset id makes us look for."""
+        if not self.backend.checks:
+            return
+        staged = self.store.staged()
+        kernel_gen = self.backend.generation()
+        genid = self.backend.ruleset_genid()
+        head = self.store.read_services([])
+        if not staged and kernel_gen == head.generation and genid is not None \
+                and genid == self.store.seen_genid():
+            return
+        with self.store.locked():
+            self._repair()
+
+    def _repair(self) -> None:
+        kernel_gen = self.backend.generation()
+        for gen, path in self.store.staged():
+            if gen == kernel_gen:
+                self.store.publish(path)  # roll forward: the kernel already has it
+            else:
+                self.store.discard(path)
+        current = self.store.read()
+        if current.generation == 0 and not current.raw:
+            return  # no state yet: nothing of ours should be in the kernel
+        if kernel_gen != current.generation or not self.backend.verify(current):
+            self.backend.rebuild(current.table, current.generation)
+        self.store.record_genid(self.backend.ruleset_genid())
 
     def begin_batch(self) -> None:
         self.batch = True
@@ -174,6 +218,8 @@ def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
         if session.batch:
             raise TryHelp(argv0)  # restore_table() refuses to nest
         return _restore(argv0, session, stdin.read())
+    if not session.batch:
+        session.check()
     execute(cmd, session)
     return 0
 
@@ -182,6 +228,7 @@ def _restore(argv0: str, session: Session, data: bytes, flush_first: bool = Fals
     """``-R``: each line like its own invocation; kernel and popt errors are
     reported and skipped, validation errors end the restore; the status is
     that of the last line.  Committed as one transaction at the end."""
+    session.check()
     with session.store.locked():
         session.begin_batch()
         try:
@@ -244,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = open_session()
         if not argv:
+            session.check()
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
         stdin = sys.stdin.buffer if sys.stdin else None
@@ -261,6 +309,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    """A bug: one line instead of a traceback (IPVS2NFT_DEBUG=1 shows it)."""
+    if os.environ.get("IPVS2NFT_DEBUG"):
+        raise exc
+    _stderr(f"ipvs2nft: internal error ({type(exc).__name__}: {exc}); please report it")
+    return 2
 
 
 def save_main(argv: list[str] | None = None) -> int:
@@ -301,6 +359,8 @@ def restore_main(argv: list[str] | None = None) -> int:
         _finish(session, 2)
         _stderr(_init_failure(exc).message)
         return 2
+    except Exception as exc:  # noqa: BLE001
+        return _internal_error(exc)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@ store), the table is rebuilt from the store in one transaction instead.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 from ipvs2nft import sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Service, Table
-from ipvs2nft.nft import build, direct, tunnels
+from ipvs2nft.nft import build, direct, genid, scratch, tunnels
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
@@ -73,6 +75,7 @@ class NftBackend(Backend):
     """Programs ``table inet ipvs2nft`` from the model."""
 
     name = "nft"
+    checks = True
 
     def __init__(self, store) -> None:
         self.store = store
@@ -158,5 +161,45 @@ class NftBackend(Backend):
         return Table(services, new.table.timeouts, new.table.daemons, new.table.snat)
 
     def rebuild(self, table: Table, generation: int) -> None:
-        """Replace our table as a whole (one transaction)."""
+        """Replace our tables as a whole (one transaction)."""
+        wanted = direct.tunnels(table.services)
+        tunnels.ensure(wanted)
         self.nft.run(build.full(table, generation).text())
+
+    # ------------------------------------------------------------ checking
+    def generation(self) -> int | None:
+        data = self.nft.json(f"list set {build.TABLE} gen")
+        for item in (data or {}).get("nftables", []):
+            elems = item.get("set", {}).get("elem")
+            if elems:
+                return int(elems[0])
+        return None
+
+    def ruleset_genid(self) -> int | None:
+        return genid.ruleset_genid()
+
+    def verify(self, snapshot) -> bool:
+        """Compare our tables with the same script loaded in a scratch
+        namespace (both listed by the same nft); any difference -- a rule
+        added, an element changed, a chain flushed -- means rebuild."""
+        expected = build.full(snapshot.table, snapshot.generation).text()
+        p = subprocess.run(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
+                           input=expected, capture_output=True, text=True, env=_module_env())
+        if p.returncode != 0:
+            return False
+        actual = self.nft.json("list ruleset")
+        try:
+            return scratch.normalize(json.loads(p.stdout)) == scratch.normalize(actual or {})
+        except (ValueError, KeyError, TypeError):
+            return False
+
+
+def _module_env() -> dict:
+    """Run our own modules in the child whatever the caller's sys.path."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env

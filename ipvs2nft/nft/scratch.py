@@ -1,0 +1,64 @@
+"""Load an nft script into a throw-away namespace and print our tables' JSON.
+
+``unshare -n python -m ipvs2nft.nft.scratch < script`` is how the back end
+learns what its own tables *should* look like when listed, to compare with
+what the kernel holds (``NftBackend.verify``).  Tunnel devices the script
+names get veth stand-ins (only their names matter to a listing).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+OURS = {("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft")}
+
+
+def main() -> int:
+    import nftables
+
+    script = sys.stdin.read()
+    for n, device in enumerate(sorted(set(re.findall(r'device "(i2n\d+)"', script)))):
+        subprocess.run(["ip", "link", "add", device, "type", "veth", "peer", "name", f"sx{n}"],
+                       capture_output=True)
+    nft = nftables.Nftables()
+    rc, _, err = nft.cmd(script)
+    if rc != 0:
+        sys.stderr.write(err)
+        return 1
+    nft.set_json_output(True)
+    rc, out, err = nft.cmd("list ruleset")
+    if rc != 0:
+        sys.stderr.write(err)
+        return 1
+    sys.stdout.write(out)
+    return 0
+
+
+def normalize(listing: dict) -> list[str]:
+    """Our tables' objects, comparable across namespaces: no handles, no
+    counter values, no learnt (dynamic) elements, elements sorted."""
+    out = []
+    for item in listing.get("nftables", []):
+        (kind, obj), = item.items()
+        if kind == "metainfo":
+            continue
+        family, table = obj.get("family"), obj.get("table", obj.get("name"))
+        if (family, table) not in OURS:
+            continue
+        obj = {k: v for k, v in obj.items() if k != "handle"}
+        if kind in ("set", "map"):
+            if "dynamic" in obj.get("flags", []):
+                obj.pop("elem", None)
+            elif "elem" in obj:
+                obj["elem"] = sorted(json.dumps(e, sort_keys=True) for e in obj["elem"])
+        if kind == "rule":
+            obj["expr"] = [{"counter": {}} if "counter" in e else e for e in obj["expr"]]
+        out.append(f"{kind} {json.dumps(obj, sort_keys=True)}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
