@@ -25,6 +25,7 @@ import errno
 import fcntl
 import ipaddress
 import json
+import math
 import os
 import re
 import stat
@@ -62,10 +63,13 @@ def state_path() -> str:
 
 
 def lock_wait() -> float:
+    """IPVS2NFT_LOCK_WAIT seconds; anything but a finite number >= 0 (nan,
+    inf, -1, junk) means the default, so the wait is always bounded."""
     try:
-        return float(os.environ.get("IPVS2NFT_LOCK_WAIT", DEFAULT_LOCK_WAIT))
+        value = float(os.environ.get("IPVS2NFT_LOCK_WAIT", DEFAULT_LOCK_WAIT))
     except ValueError:
         return DEFAULT_LOCK_WAIT
+    return value if math.isfinite(value) and value >= 0 else DEFAULT_LOCK_WAIT
 
 
 # ---------------------------------------------------------------- codec
