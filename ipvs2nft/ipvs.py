@@ -19,7 +19,6 @@ import os
 from dataclasses import replace
 
 from ipvs2nft import host, sched
-
 from ipvs2nft.errors import KernelError
 from ipvs2nft.model import (
     NO_SCHEDULER,

@@ -86,7 +86,7 @@ def _words(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> tuple[
 
 def _cmp_addr(af: int, a: tuple, b: tuple) -> int:
     if af == AF_INET6:
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             r = _s32(x - y)
             if r:
                 return r
@@ -167,12 +167,12 @@ def sort_services(services: Iterable[Service]) -> list[Service]:
     the same merge sort over the kernel's order reproduces ipvsadm's."""
     items = kernel_order(services)
     keys = [_service_sort_key(s) for s in items]
-    v4 = [k[3][0] for k, s in zip(keys, items) if s.af == AF_INET]
-    v6 = [k[3] for k, s in zip(keys, items) if s.af == AF_INET6]
+    v4 = [k[3][0] for k, s in zip(keys, items, strict=True) if s.af == AF_INET]
+    v6 = [k[3] for k, s in zip(keys, items, strict=True) if s.af == AF_INET6]
     if _spread_ok(k[0] for k in keys) and _spread_ok(v4) and all(
         _spread_ok(w[i] for w in v6) for i in range(4)
     ):
-        return [s for _, s in sorted(zip(keys, items), key=lambda p: p[0])]
+        return [s for _, s in sorted(zip(keys, items, strict=True), key=lambda p: p[0])]
     return msort(items, cmp_services)
 
 
@@ -181,7 +181,7 @@ def sort_dests(dests: Iterable[Dest]) -> list[Dest]:
     families = {d.af for d in items}
     words = [_words(d.addr) for d in items]
     if len(families) <= 1 and all(_spread_ok(w[i] for w in words) for i in range(4)):
-        return [d for _, d in sorted(zip(words, items), key=lambda p: (p[0], p[1].port))]
+        return [d for _, d in sorted(zip(words, items, strict=True), key=lambda p: (p[0], p[1].port))]
     return msort(items, cmp_dests)
 
 

@@ -231,6 +231,17 @@ def is_sequence(svc: Service) -> bool:
 
 # ------------------------------------------------------------------ slot tables
 
+class _Pass:
+    """A slot that lets the connection go on un-NATed (no IPVS scheduler has
+    one; an iptables cascade can leave connections alone)."""
+
+    def __repr__(self) -> str:
+        return "PASS"
+
+
+PASS = _Pass()
+
+
 @dataclass(frozen=True)
 class Slots:
     """What the data plane needs: ``table[i]`` serves slot ``i`` (None: no server).
@@ -240,7 +251,7 @@ class Slots:
     approximates the kernel (scaled weights, approximated scheduler).
     """
 
-    table: tuple[Dest | None, ...]
+    table: tuple[Dest | _Pass | None, ...]
     hash: str | None = None
     exact: bool = True
     note: str = ""

@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ipvs2nft import faults
 from ipvs2nft.errors import LockTimeout, StoreError

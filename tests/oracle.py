@@ -166,7 +166,7 @@ def replay(records: list[dict], state_dir: Path) -> list[Outcome]:
 def describe(o: Outcome) -> str:
     r = o.record
     lines = [f"n={r['n']} line={r['line']}: {r['cmd']}"]
-    for label, exp, got in zip(("rc", "stdout", "stderr"), o.expected, o.got):
+    for label, exp, got in zip(("rc", "stdout", "stderr"), o.expected, o.got, strict=True):
         if exp != got:
             lines.append(f"  {label}: expected {exp!r}\n  {' ' * len(label)}       got {got!r}")
     return "\n".join(lines)

@@ -68,12 +68,12 @@ def test_slide19_plan_and_unnated_slot():
     (svc,) = t.table.services
     assert (svc.scheduler, str(svc.addr), svc.port) == ("iptables-nth", "192.168.0.40", 80)
     slots = sched.slots(svc, svc.sched)
-    assert [str(d.addr) if d else None for d in slots.table] == \
+    assert [str(d.addr) if d is not sched.PASS else None for d in slots.table] == \
         ["192.168.100.10", None, "192.168.100.10", "192.168.100.11"]
     assert not slots.random and slots.exact
     script = "\n".join(t.script_lines)
     assert "numgen inc mod 4" in script
-    assert "add element inet ipvs2nft slots { 65537 : accept }" in script
+    assert re.search(r"add element inet ipvs2nft slots \{[^}]*\b65537 : accept\b", script)
 
 
 def test_slide22_random_map_holds_only_what_matches():
@@ -120,8 +120,9 @@ def test_mark_cascade_without_recent_is_not_persistent():
 
 
 def test_conntrack_timeouts_are_the_kernels():
+    """iptables never set timeouts: no ct timeout policy, none applied."""
     script = "\n".join(lifted("nth3.sh").script_lines)
-    assert "established: 432000" in script
+    assert "ct timeout" not in script
 
 
 def test_pick_chain_semantics_unchanged():

@@ -82,8 +82,6 @@ def test_sequence_matches_ipvs(name):
 def test_slot_table_is_the_sequence(name):
     """The table loaded into nft (one period from the state) replays the
     same servers as picking one by one, for as many connections as recorded."""
-    for rec, expected, _ in replay_sequences(oracle.load(name)):
-        pass
     table = Table()
     for rec in oracle.load(name):
         if rec["kind"] == "reset":

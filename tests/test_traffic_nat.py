@@ -35,8 +35,7 @@ def lab(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def clean(lab):
     lab.ipvsadm("-C")
-    lab.sh(lab.director, "iptables -t mangle -F 2>/dev/null; nft delete table inet usermark 2>/dev/null; true",
-           check=False)
+    lab.sh(lab.director, "iptables -t mangle -F 2>/dev/null; true", check=False)
     yield
 
 
@@ -272,7 +271,8 @@ def test_snat_option_for_servers_that_do_not_route_back(lab):
     the director.  Without the option the reply never returns; with
     `ipvs2nft snat masquerade` the server sees the director as the client."""
     add(lab, f"-A -t {V} -s rr", f"-a -t {V} -r {rs4(0)}:80 -m")
-    lab.sh(lab.rs(0), "ip route del default; ip route add 198.51.100.0/24 via 192.168.100.250 dev eth0 onlink")
+    lab.sh(lab.rs(0), "ip route del default; "
+                      "ip route add 198.51.100.0/24 via 192.168.100.250 dev eth0 onlink")
     try:
         assert lab.backends(VIP4, 80, 1, timeout=1.0) == [None]
         exe = lab.ipvsadm("snat masquerade", prog="ipvs2nft")

@@ -64,7 +64,7 @@ def _build(svc: Service, random: bool) -> sched.Slots:
     if plan is None or plan.random != random or \
             any(k is not None and k not in by_key for k in plan.table):
         return _from_weights(svc, random)
-    table = tuple(by_key[k] if k is not None else None for k in plan.table)
+    table = tuple(by_key[k] if k is not None else sched.PASS for k in plan.table)
     return sched.Slots(table, None, plan.exact, plan.note, random)
 
 

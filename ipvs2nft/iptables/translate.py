@@ -5,18 +5,19 @@ through the same builder as ipvsadm input (table ``inet ipvs2nft``, one
 map for all services); every other rule goes through iptables-restore-
 translate (passthrough.py).  The script loads with ``nft -f`` as it is.
 
-Three additions to the builder's script, all in text this module writes:
+What differs from ipvsadm input:
 
-* slots a cascade leaves un-NATed map to ``accept`` (the builder would send
-  them to ``unreachable``, as IPVS does when it has no server): in iptables
-  such a connection falls through the nat chain and reaches the director;
+* slots a cascade leaves un-NATed are ``sched.PASS`` slots: the connection
+  goes on un-NATed, as it fell through the nat chain in iptables (IPVS
+  refuses a connection it has no server for);
 * services keyed by something IPVS cannot name (multiport, subnets, an
   interface) are fwmark services whose mark table ``ipvs2nft_iptables``
   sets, for new connections only, at priority -101: after the translated
   mangle table (-150), before nat (-100) and our dispatch (-99);
-* the connection-tracking timeouts of the lifted connections stay the
-  kernel's defaults (``Timeouts`` below), not IPVS's 900/120/300: iptables
-  never changed them.
+* the connection-tracking timeouts stay the kernel's own
+  (``build.KERNEL_TIMEOUTS``): iptables never changed them;
+* only the prerouting hook: PREROUTING rules never saw the director's own
+  connections.
 
 Importing this module registers the pseudo-schedulers (slots.py).
 """
@@ -33,8 +34,8 @@ from ipvs2nft.iptables.parse import parse
 from ipvs2nft.iptables.passthrough import Passthrough
 from ipvs2nft.iptables.passthrough import translate as passthrough
 from ipvs2nft.iptables.rules import ParseError
-from ipvs2nft.iptables.slots import NTH, RANDOM, set_plans
-from ipvs2nft.model import Table, Timeouts
+from ipvs2nft.iptables.slots import NTH, set_plans
+from ipvs2nft.model import Table
 from ipvs2nft.nft import build
 from ipvs2nft.store import Snapshot, Store
 
@@ -44,7 +45,7 @@ MARK_PRIORITY = -101  # after mangle (-150), before nat (-100) and ipvs2nft's di
 # udp_timeout_stream 120 s): what the iptables setup ran with.  The builder
 # has one UDP value for replied and unreplied flows; unreplied UDP flows
 # (kernel: 30 s) therefore live 120 s.
-CONNTRACK_TIMEOUTS = Timeouts(tcp=432000, tcpfin=120, udp=120)
+CONNTRACK_TIMEOUTS = build.KERNEL_TIMEOUTS
 
 
 @dataclass
@@ -97,30 +98,15 @@ def _script(t: Translation) -> list[str]:
              "iptables-restore-translate"]
     services = list(t.table.services)
     if services:
-        script = build.full(t.table, generation=1)
+        script = build.full(t.table, generation=1, hooks=("prerouting",))
         lines += script.lines
         for w in script.warnings:
             t.warnings.append((0, w))
             t.approximations += 1
-        lines += _accept_slots(services)
     lines += _marking([lf for lf in t.lifted.lifted if lf.marking], t.table)
     for fam in (4, 6):
         lines += t.passthrough[fam].lines
     return lines
-
-
-def _accept_slots(services) -> list[str]:
-    """Un-NATed slots: the connection goes on un-NATed, as it did in iptables."""
-    out = []
-    for svc in services:
-        if svc.scheduler not in (NTH, RANDOM):
-            continue
-        table = sched.slots(svc, svc.sched).table
-        base = build.slot_base(svc)
-        keys = [str(base + i) for i, d in enumerate(table) if d is None]
-        if keys:
-            out.append(f"add element {build.TABLE} slots {{ {', '.join(f'{k} : accept' for k in keys)} }}")
-    return out
 
 
 def _marking(lifted: list[Lifted], table: Table) -> list[str]:
@@ -174,7 +160,7 @@ def ipvsadm_rules(t: Translation) -> tuple[str, list[tuple[int, str]], int]:
 def _ipvs_scheduler(lf: Lifted, svc):
     """The closest IPVS scheduler for a pseudo-scheduler, and what it changes."""
     table = sched.slots(svc, svc.sched).table
-    unnated = sum(1 for d in table if d is None)
+    unnated = sum(1 for d in table if d is sched.PASS)
     lost = f"; the {unnated}/{len(table)} of connections left un-NATed get a server under IPVS" \
         if unnated else ""
     dests = [d for d in svc.dests]

@@ -51,13 +51,12 @@ number or name this program formatted itself, so no user text reaches nft.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ipvs2nft import sched
-from ipvs2nft.nft import direct
 from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
 from ipvs2nft.netaddr import AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
+from ipvs2nft.nft import direct
 
 TABLE = "inet ipvs2nft"
 SLOT_BLOCK = 65536
@@ -119,7 +118,11 @@ def _label(snat: str) -> str:
     return f"ct label set {SNAT_LABEL} " if snat else ""
 
 
-def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = "") -> None:
+HOOKS = ("prerouting", "output")
+
+
+def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = "",
+             hooks: tuple[str, ...] = HOOKS) -> None:
     """The table and its fixed objects."""
     s = script.add
     label = _label(snat)
@@ -148,7 +151,8 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
         s(f"add chain {TABLE} {chain}")
         s(f"add rule {TABLE} {chain} {label}dnat {ip} to meta priority map @nat{fam}a")
         for proto in ("tcp", "udp", "sctp"):
-            s(f"add rule {TABLE} {chain} meta l4proto {proto} {label}dnat {ip} to meta priority map @nat{fam}")
+            s(f"add rule {TABLE} {chain} meta l4proto {proto} {label}dnat {ip} to meta priority "
+              f"map @nat{fam}")
         s(f"add rule {TABLE} {chain} meta priority vmap @slots")
         s(f"add rule {TABLE} {chain} goto unreachable")
     s(f"add chain {TABLE} dispatch")
@@ -158,10 +162,9 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
     s(f"add rule {TABLE} dispatch ip6 daddr . meta l4proto . th dport vmap @svc6")
     s(f"add rule {TABLE} dispatch ip daddr . meta l4proto vmap @svc4p0")
     s(f"add rule {TABLE} dispatch ip6 daddr . meta l4proto vmap @svc6p0")
-    s(f"add chain {TABLE} prerouting {{ type nat hook prerouting priority {NAT_PRIORITY}; policy accept; }}")
-    s(f"add rule {TABLE} prerouting jump dispatch")
-    s(f"add chain {TABLE} output {{ type nat hook output priority {NAT_PRIORITY}; policy accept; }}")
-    s(f"add rule {TABLE} output jump dispatch")
+    for hook in hooks:  # output: connections the director itself opens to a VIP
+        s(f"add chain {TABLE} {hook} {{ type nat hook {hook} priority {NAT_PRIORITY}; policy accept; }}")
+        s(f"add rule {TABLE} {hook} jump dispatch")
     direct.skeleton(script, timeouts)
     if snat:
         s(f"add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}")
@@ -181,9 +184,14 @@ def _snat_rules(snat: str) -> list[str]:
     return rules
 
 
+KERNEL_TIMEOUTS = Timeouts(0, 0, 0)  # keep conntrack's own (the iptables front end)
+
+
 def ct_timeouts(script: Script, t: Timeouts) -> None:
     """``--set tcp tcpfin udp`` as conntrack timeout policies that only the
     connections of this table use (not host-wide sysctls)."""
+    if t == KERNEL_TIMEOUTS:
+        return
     for fam, l3 in (("4", "ip"), ("6", "ip6")):
         script.add(f"add ct timeout {TABLE} tcp{fam} {{ protocol tcp; l3proto {l3}; "
                    f"policy = {{ established: {t.tcp}, fin_wait: {t.tcpfin} }}; }}")
@@ -224,7 +232,9 @@ def needs_chain(svc: Service, dest: Dest) -> bool:
     return svc.persistent or dest.af != svc.af or (bool(svc.fwmark) and dest.port != 0)
 
 
-def _timeout_rules(svc: Service) -> list[str]:
+def _timeout_rules(svc: Service, timeouts: Timeouts | None = None) -> list[str]:
+    if timeouts == KERNEL_TIMEOUTS:
+        return []
     fam = _fam(svc)
     if svc.fwmark:
         return [f"meta l4proto tcp ct timeout set \"tcp{fam}\"",
@@ -248,21 +258,22 @@ def _scheduler_rule(svc: Service, slots: sched.Slots) -> str:
     return f"counter meta priority set {pick} goto pick{fam}"
 
 
-def service_chain(script: Script, svc: Service, slots: sched.Slots) -> None:
+def service_chain(script: Script, svc: Service, slots: sched.Slots,
+                  timeouts: Timeouts | None = None) -> None:
     """Rules of ``svc_<sid>`` (the chain itself must exist and be empty)."""
     chain = svc_chain(svc)
     if direct.is_direct(svc):
         # scheduled before conntrack in the direct table, which left the key
         # of a masquerading server in meta priority (direct.py)
-        for rule in _timeout_rules(svc):
+        for rule in _timeout_rules(svc, timeouts):
             script.add(f"add rule {TABLE} {chain} {rule}")
         script.add(f"add rule {TABLE} {chain} goto pick{_fam(svc)}")
         return
-    timeouts = _timeout_rules(svc)
+    timeout_rules = _timeout_rules(svc, timeouts)
     # one rule per service where possible: loading 10,000 services is
     # mostly a matter of the number of rules and chains
-    fold = len(timeouts) == 1 and not svc.persistent and bool(slots.table)
-    for rule in ([] if fold else timeouts):
+    fold = len(timeout_rules) == 1 and not svc.persistent and bool(slots.table)
+    for rule in ([] if fold else timeout_rules):
         script.add(f"add rule {TABLE} {chain} {rule}")
     if svc.persistent:
         key, fam = _client_key(svc), _fam(svc)
@@ -270,7 +281,7 @@ def service_chain(script: Script, svc: Service, slots: sched.Slots) -> None:
             script.add(f"add rule {TABLE} {chain} {key} . meta mark & 0x0 | {d.rid:#010x} "
                        f"@persist{fam} goto {rs_chain(d)}")
     if slots.table:
-        prefix = f"{timeouts[0]} " if fold else ""
+        prefix = f"{timeout_rules[0]} " if fold else ""
         script.add(f"add rule {TABLE} {chain} {prefix}{_scheduler_rule(svc, slots)}")
     else:
         script.add(f"add rule {TABLE} {chain} goto unreachable")
@@ -299,6 +310,9 @@ def slot_elements(svc: Service, slots: sched.Slots) -> dict[str, list[str]]:
         return out
     for i, d in enumerate(slots.table):
         if d is None:
+            continue
+        if d is sched.PASS:  # on un-NATed: pick4/6 try the nat maps, then @slots
+            out.setdefault("slots", []).append(f"{base + i} : accept")
             continue
         name, value = _placement(svc, d)
         out.setdefault(name, []).append(f"{base + i} : {value}")
@@ -377,7 +391,7 @@ def add_service(script: Script, svc: Service, elements: dict | None = None, snat
             script.add(f"add chain {TABLE} {rs_chain(d)}")
             rs_chain_rules(script, svc, d, snat)
     script.add(f"add chain {TABLE} {svc_chain(svc)}")
-    service_chain(script, svc, slots)
+    service_chain(script, svc, slots, timeouts)
     for name, items in slot_elements(svc, slots).items():
         elements.setdefault(name, []).extend(items)
     name, key = _dispatch_key(svc)
@@ -389,7 +403,8 @@ def add_service(script: Script, svc: Service, elements: dict | None = None, snat
         _add_elements(script, elements)
 
 
-def full(table: Table, generation: int, replace_existing: bool = True) -> Script:
+def full(table: Table, generation: int, replace_existing: bool = True,
+         hooks: tuple[str, ...] = HOOKS) -> Script:
     """The whole table in one script.  With ``replace_existing`` it first
     removes our own table (``add`` then ``delete``, so it cannot fail when
     the table is absent); nothing outside it is named.  Elements go in one
@@ -399,7 +414,7 @@ def full(table: Table, generation: int, replace_existing: bool = True) -> Script
         for t in (TABLE, direct.table("4"), direct.table("6")):
             script.add(f"add table {t}")
             script.add(f"delete table {t}")
-    skeleton(script, table.timeouts, generation, table.snat)
+    skeleton(script, table.timeouts, generation, table.snat, hooks)
     elements: dict = {}
     for svc in table.services:
         add_service(script, svc, elements, table.snat, table.timeouts)
@@ -420,7 +435,8 @@ def remove_service(script: Script, svc: Service) -> None:
             script.add(f"delete chain {TABLE} {rs_chain(d)}")
 
 
-def change_service(script: Script, old: Service, new: Service, snat: str = "") -> None:
+def change_service(script: Script, old: Service, new: Service, snat: str = "",
+                   timeouts: Timeouts | None = None) -> None:
     """The smallest change from ``old`` to ``new`` (same identity, same sid)."""
     old_chains = {d.rid: d for d in old.dests if needs_chain(old, d)}
     new_chains = {d.rid: d for d in new.dests if needs_chain(new, d)}
@@ -434,7 +450,7 @@ def change_service(script: Script, old: Service, new: Service, snat: str = "") -
             script.add(f"flush chain {TABLE} {rs_chain(d)}")
             rs_chain_rules(script, new, d, snat)
     slots = service_slots(new, script)
-    service_chain(script, new, slots)
+    service_chain(script, new, slots, timeouts)
     _add_elements(script, slot_elements(new, slots))
     for rid, d in old_chains.items():
         if rid not in new_chains:
@@ -469,5 +485,5 @@ def incremental(old: Table, new: Table, old_generation: int, generation: int) ->
         if before is None:
             add_service(script, svc, snat=new.snat, timeouts=new.timeouts)
         elif before != svc:
-            change_service(script, before, svc, new.snat)
+            change_service(script, before, svc, new.snat, new.timeouts)
     return script

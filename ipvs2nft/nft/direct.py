@@ -130,6 +130,8 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts) -> list[str]:
     """Rules of ``drs_<rid>``: remember the flow, then forward."""
     fam = _fam(svc)
     key = f"{_flow_key(svc, fam)} . {dest.rid:#010x}"
+    if not timeouts.tcp:  # conntrack's own timeouts asked for: IPVS's defaults here
+        timeouts = Timeouts()
     if svc.protocol == 17 and not svc.fwmark:
         rules = [f"update @flows {{ {key} timeout {timeouts.udp}s }}"]
     else:
