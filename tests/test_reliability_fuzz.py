@@ -552,3 +552,21 @@ def test_fuzz_state_file_with_wrongly_typed_fields(world, bad, which):
 def test_translate_iptables_flush_of_unknown_chain(line):
     status, out, err = oracle.call(i2n_cli.main, ["translate", "--from", "iptables", "-"], line, "ipvs2nft")
     assert status == 2 and "No chain/target/match by that name" in err, (status, err)
+
+
+HUGE = "1" * 5000  # more digits than Python's int() takes from a string (4300)
+HUGE_REASON = ("a number word of more than 4300 digits makes int() raise ValueError in netaddr.strtol: "
+               "'internal error' from ipvsadm, a traceback from ipvs2nft translate, instead of "
+               "ipvsadm's 'invalid ...' message and status 2")
+
+
+@pytest.mark.xfail(strict=True, reason=HUGE_REASON)
+@pytest.mark.parametrize("argv,message", [
+    (["-A", "-t", "10.0.0.1:80", "-p", HUGE], f"invalid timeout value `{HUGE}' specified\n"),
+    (["-A", "-t", f"10.0.0.1:{HUGE}"], "illegal virtual server address[:port] specified\n"),
+], ids=["timeout", "port"])
+def test_huge_number_words(state, argv, message):
+    assert oracle.call(cli.main, argv, None, "ipvsadm") == (2, "", message)
+    status, _, err = oracle.call(i2n_cli.main, ["translate", "-"], " ".join(argv).encode() + b"\n",
+                                 "ipvs2nft")
+    assert status == 2 and "Traceback" not in err, err[-300:]
