@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -92,5 +93,19 @@ def run() -> int:
     return 0
 
 
+def main() -> int:
+    """``make demo``: the lab, or one line saying why it could not be built."""
+    try:
+        return run()
+    except subprocess.CalledProcessError as exc:
+        why = (exc.stderr or "").strip().splitlines()
+        command = " ".join(map(str, exc.cmd))
+        sys.stderr.write(f"ipvs2nft demo: `{command}' failed"
+                         f"{': ' + why[-1] if why else ''} (the demo needs root and network namespaces)\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

@@ -93,3 +93,17 @@ class Exit(Exception):
     def __init__(self, status: int = 0) -> None:
         super().__init__(status)
         self.status = status
+
+
+def internal_error(exc: Exception) -> int:
+    """A bug: one line on stderr instead of a traceback, status 2.
+
+    ``IPVS2NFT_DEBUG=1`` re-raises so that the traceback can be reported.
+    """
+    import os
+    import sys
+
+    if os.environ.get("IPVS2NFT_DEBUG"):
+        raise exc
+    sys.stderr.write(f"ipvs2nft: internal error ({type(exc).__name__}: {exc}); please report it\n")
+    return 2

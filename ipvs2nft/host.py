@@ -13,6 +13,7 @@ import errno
 import fcntl
 import functools
 import ipaddress
+import os
 import socket
 import struct
 
@@ -22,12 +23,12 @@ IFNAMSIZ = 16
 
 
 def _ifreq(name: str) -> bytes:
-    return struct.pack("16s16x", name.encode()[: IFNAMSIZ - 1])
+    return struct.pack("16s16x", os.fsencode(name)[: IFNAMSIZ - 1])
 
 
 def interface_mtu(name: str) -> int | None:
     """MTU of an interface of this namespace, or None if there is none."""
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
+    if not name or len(os.fsencode(name)) >= IFNAMSIZ or "/" in name:
         return None
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -83,7 +84,7 @@ def sync_socket_error(state: str, ifname: str, af: int, group: str, port: int, t
     to the group port on the device and join the group.
     """
     try:
-        index = socket.if_nametoindex(ifname)
+        index = socket.if_nametoindex(os.fsencode(ifname))
     except OSError:
         return errno.ENODEV
     try:
@@ -116,7 +117,7 @@ def _master_socket(s: socket.socket, af: int, ifname: str, index: int, group: st
 
 def _backup_socket(s: socket.socket, af: int, ifname: str, index: int, group: str, port: int) -> None:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, os.fsencode(ifname))
     if af == socket.AF_INET:
         s.bind((group, port))
         mreq = struct.pack("4s4si", socket.inet_aton(group), b"\0" * 4, index)

@@ -37,11 +37,20 @@ def strtol(text: str) -> int | None:
     m = _STRTOL_RE.match(text)
     if not m:
         return None
-    value = int(m.group(1))
+    sign, digits = _split_sign(m.group(1))
+    if len(digits) > 20:  # beyond any long; also keeps int() under its digit limit
+        return None
+    value = int(sign + digits)
     # strtol saturates and sets ERANGE beyond a 64-bit long; ipvsadm rejects that.
     if not -(2**63) <= value < 2**63:
         return None
     return value
+
+
+def _split_sign(word: str) -> tuple[str, str]:
+    """A signed digit string as (sign, digits without leading zeros)."""
+    sign = word[0] if word[0] in "+-" else ""
+    return sign, word[len(sign):].lstrip("0") or "0"
 
 
 def string_to_number(text: str, low: int, high: int) -> int | None:
@@ -101,6 +110,17 @@ def ipv4_from_aton_or_name(text: str) -> ipaddress.IPv4Address | None:
     return inet_aton(text) or host_to_addr(text)
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_V4 = re.compile(
+    rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}:(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{{2}}"
+    rf"|6[0-4][0-9]{{3}}|[1-5][0-9]{{4}}|[1-9][0-9]{{0,3}}|0)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _v4(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedAddr:
     """What ``parse_service`` found: family, address and the port if one was given."""
@@ -117,6 +137,9 @@ def parse_service(buf: str, protocol: int) -> ParsedAddr | None:
     decides how a port name is looked up (``-r RS:http`` before ``-t`` fails).
     Returns None where ipvsadm reports "illegal ... address[:port] specified".
     """
+    if _CANONICAL_V4.fullmatch(buf):  # the common "a.b.c.d:port": what the rules below give it
+        host, _, port_text = buf.rpartition(":")
+        return ParsedAddr(AF_INET, _v4(host), int(port_text))
     if _c_all_digits(buf):
         return None
     port_text: str | None = None
@@ -167,7 +190,10 @@ def atoi(text: str) -> int:
     m = re.match(r"[ \t\n\v\f\r]*([+-]?[0-9]+)", text)
     if not m:
         return 0
-    value = int(m.group(1))
+    sign, digits = _split_sign(m.group(1))
+    value = int(sign + digits) if len(digits) <= 20 else int(sign + "1" + "0" * 20)
+    # strtol saturates to a 64-bit long (keeping int() bounded for huge words too).
+    value = min(max(value, -(2**63)), 2**63 - 1)
     # atoi is strtol cast to int: wrap into 32 bits like the C code sees it.
     value &= 0xFFFFFFFF
     return value - 2**32 if value >= 2**31 else value

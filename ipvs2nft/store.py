@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import json
 import math
 import os
 import re
+import socket
 import stat
 import tempfile
 import time
@@ -93,6 +95,8 @@ def _sched_row(st: SchedState) -> list:
 
 
 def _sched_of(r: list) -> SchedState:
+    if type(r) is not list or len(r) != 4 or any(type(v) is not int for v in r[1:]):
+        raise TypeError("bad scheduler state")
     cl = None if r[0] is None else (r[0][0], _ip(r[0][1]), r[0][2])
     return SchedState(cl, r[1], r[2], r[3])
 
@@ -103,15 +107,51 @@ def _service_row(s: Service) -> list:
             [_dest_row(d) for d in s.dests], _sched_row(s.sched)]
 
 
-_ip = ipaddress.ip_address
+_V4, _V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
+_ADDR_CACHE: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address from the file: inet_pton (C) rather than ipaddress's Python
+    parser, and cached (real servers repeat across services): reading 10,000
+    services x 4 spent most of its time here."""
+    addr = _ADDR_CACHE.get(text)
+    if addr is None:
+        try:
+            if ":" in text:
+                addr = _V6(socket.inet_pton(socket.AF_INET6, text))
+            else:
+                addr = _V4(socket.inet_pton(socket.AF_INET, text))
+        except (OSError, TypeError) as exc:
+            raise ValueError(f"bad address {text!r}") from exc
+        if len(_ADDR_CACHE) < 65536:
+            _ADDR_CACHE[text] = addr
+    return addr
+
+
+# Field types of a service row and a real-server row, checked when decoding:
+# a wrongly typed field in a JSON-valid file must be "unusable", not a crash
+# or a wrong listing later.  (type() is not isinstance(): True is no int here.)
+_SERVICE_TYPES = (
+    (str, int, int, int, str, int, int, str, int, int, int, str, list, list),
+    (str, int, int, int, type(None), int, int, str, int, int, int, str, list, list),  # fwmark
+)
+_DEST_TYPES = ((str, int, str, int, int, int, int, int, int, int, int),)
+
+
+def _check(row: object, shapes: tuple) -> None:
+    if type(row) is not list or tuple(map(type, row)) not in shapes:
+        raise TypeError(f"a row of the wrong shape: {row!r:.80}")
 
 
 def _dest_of(r: list) -> Dest:
+    _check(r, _DEST_TYPES)
     return Dest(_ip(r[0]), r[1], Forward(r[2]), r[3], r[4], r[5], TunType(r[6]), r[7], r[8], r[9],
                 r[10])
 
 
 def _service_of(r: list) -> Service:
+    _check(r, _SERVICE_TYPES)
     return Service(r[2], r[3], None if r[4] is None else _ip(r[4]), r[5], r[6], r[7], r[8], r[9],
                    r[10], r[11], tuple(_dest_of(d) for d in r[12]), r[1], _sched_of(r[13]))
 
@@ -135,12 +175,19 @@ class Snapshot:
     raw: bytes = b""
 
 
-def _header(generation: int, next_rid: int, table: Table) -> bytes:
+def _digest(body: bytes) -> str:
+    """Checksum of the service lines: a one-service command decodes only its
+    own line, and this is how it still notices a file damaged elsewhere."""
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def _header(generation: int, next_rid: int, table: Table, body: bytes) -> bytes:
     t = table.timeouts
     head = {
         "schema": SCHEMA,
         "generation": generation,
         "next_rid": next_rid,
+        "digest": _digest(body),
         "timeouts": [t.tcp, t.tcpfin, t.udp],
         "daemons": [[d.state, d.mcast_ifn, d.syncid, d.sync_maxlen, d.mcast_af, d.mcast_group,
                      d.mcast_port, d.mcast_ttl] for d in table.daemons],
@@ -165,6 +212,8 @@ def _split_header(raw: bytes, path: str) -> tuple[dict, int]:
         value = head.get(name)
         if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
             raise _corrupt(path, f"bad {name}")
+    if head.get("digest") != _digest(raw[end + 1:]):
+        raise _corrupt(path, "checksum mismatch")
     return head, end + 1
 
 
@@ -175,7 +224,11 @@ def _corrupt(path: str, why: str) -> StoreError:
 
 def _table_from(head: dict, services: Iterable[Service], path: str) -> Table:
     try:
+        if any(type(t) is not int for t in head["timeouts"]) or len(head["timeouts"]) != 3:
+            raise TypeError("timeouts are not three integers")
         daemons = tuple(SyncDaemon(*d) for d in head["daemons"])
+        if any(type(d.mcast_ifn) is not str or type(d.syncid) is not int for d in daemons):
+            raise TypeError("bad daemon")
         timeouts = Timeouts(*head["timeouts"])
         snat = head.get("snat", "")
         if not isinstance(snat, str):
@@ -207,8 +260,20 @@ class Store:
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
-    def read(self) -> Snapshot:
-        """Everything, decoded: for listings, -R and full syncs."""
+    def read(self, fresh_if_unusable: bool = False) -> Snapshot:
+        """Everything, decoded: for listings, -R and full syncs.
+
+        ``fresh_if_unusable``: a corrupt state file is set aside (renamed
+        ``*.corrupt``) and an empty table returned -- what ``ipvsadm -C`` and
+        ipvsadm-restore do, as the corruption message tells the user."""
+        if fresh_if_unusable:
+            try:
+                return self.read()
+            except StoreError as exc:
+                if "unusable" not in exc.message:
+                    raise
+                self._set_aside()
+                return Snapshot(Table())
         raw = self._raw()
         if raw is None:
             return Snapshot(Table())
@@ -294,7 +359,8 @@ class Store:
             body = self._splice(old, table)
         else:
             body = b"".join(_line(s) for s in table.services)
-        data = _header(generation, next_rid, table) + body + _TRAILER
+        body += _TRAILER
+        data = _header(generation, next_rid, table, body) + body
         return Snapshot(table, generation, next_rid, old.partial, data)
 
     def write(self, new: Snapshot) -> None:
@@ -335,6 +401,13 @@ class Store:
                 os.close(dfd)
         except OSError as exc:
             raise StoreError(f"ipvs2nft: cannot replace the state file {self.path}: "
+                             f"{os.strerror(exc.errno or errno.EIO)}") from None
+
+    def _set_aside(self) -> None:
+        try:
+            os.replace(self.path, self.path + ".corrupt")
+        except OSError as exc:
+            raise StoreError(f"ipvs2nft: cannot move the unusable state file {self.path} aside: "
                              f"{os.strerror(exc.errno or errno.EIO)}") from None
 
     @staticmethod

@@ -54,18 +54,7 @@ TYPED = [  # (id, edit, command)
 ]
 
 
-TYPED_REASON = ("the service rows of a state file are not type-checked when read (the header is): a "
-                "wrongly typed field (flags [], sid {}, fwmark []...) raises TypeError deep in the code, "
-                "reported as 'ipvs2nft: internal error ... please report it' instead of the store's "
-                "'unusable' message")
-HEADER_CHECKED = {"generation-null", "next-rid-string"}
-
-
-def _typed_marks(name: str) -> list:
-    return [] if name in HEADER_CHECKED else [pytest.mark.xfail(strict=True, reason=TYPED_REASON)]
-
-
-@pytest.mark.parametrize("edit,argv", [pytest.param(e, a, id=i, marks=_typed_marks(i)) for i, e, a in TYPED])
+@pytest.mark.parametrize("edit,argv", [pytest.param(e, a, id=i) for i, e, a in TYPED])
 def test_wrongly_typed_field_is_a_clear_error(state, edit, argv):
     raw = _edit(_valid(state), **edit)
     (state / "state.json").write_bytes(raw)
@@ -75,12 +64,9 @@ def test_wrongly_typed_field_is_a_clear_error(state, edit, argv):
     assert (state / "state.json").read_bytes() == raw
 
 
-RECOVERY_REASON = ("the message for an unusable state file says \"'ipvsadm -C' or ipvsadm-restore starts a "
-                   "new one\", but both read (and refuse) the broken file first")
 BROKEN = [b"garbage\n", b"", b'{"schema":"ipvs2nft-state/1"', b"[]", b"null]}\n"]
 
 
-@pytest.mark.xfail(strict=True, reason=RECOVERY_REASON)
 @pytest.mark.parametrize("data", BROKEN, ids=["garbage", "empty", "truncated", "json-list", "trailer-only"])
 def test_clear_starts_a_new_state_file(state, data):
     _valid(state)
@@ -91,7 +77,6 @@ def test_clear_starts_a_new_state_file(state, data):
     assert oracle.call(cli.main, ["-S", "-n"], None, "ipvsadm")[:2] == (0, "")
 
 
-@pytest.mark.xfail(strict=True, reason=RECOVERY_REASON)
 @pytest.mark.parametrize("data", BROKEN, ids=["garbage", "empty", "truncated", "json-list", "trailer-only"])
 def test_restore_starts_a_new_state_file(state, data):
     _valid(state)

@@ -198,9 +198,6 @@ def test_readers_do_not_wait_for_the_lock(director):
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="every command's drift check takes the writers' lock when the "
-                   "ruleset id changed since our last commit (any nft change, e.g. by another program): a "
-                   "listing then waits behind the writers and can fail with status 4")
 def test_readers_do_not_wait_when_the_ruleset_changed(director):
     """Someone else's nft change bumps the ruleset id; a writer holds the
     lock; a listing must still answer at once, from the store."""

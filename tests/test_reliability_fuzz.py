@@ -534,9 +534,6 @@ def test_fuzz_corrupted_state_file(world, bad, which):
     _corrupted_case(world, bad, which, "corrupt-state")
 
 
-@pytest.mark.xfail(strict=True, reason="service rows of a state file are not type-checked when read: a "
-                   "wrongly typed field (flags [], sid {}, scheduler {}...) ends in a TypeError, reported as "
-                   "'ipvs2nft: internal error ... please report it' (see test_reliability_badstate.py)")
 @fuzz_settings(80, shrink=False)
 @given(bad=corruption(kinds=tuple(TYPED_KINDS)), which=st.integers(0, len(CORRUPT_COMMANDS) - 1))
 def test_fuzz_state_file_with_wrongly_typed_fields(world, bad, which):
@@ -545,9 +542,6 @@ def test_fuzz_state_file_with_wrongly_typed_fields(world, bad, which):
 
 # ---------------------------------------------------------------- what the fuzzer found, as plain cases
 
-@pytest.mark.xfail(strict=True, reason="ipvs2nft translate --from iptables: '-F' of a chain that does not "
-                   "exist raises KeyError in iptables/parse.py apply() (traceback) instead of iptables' "
-                   "'No chain/target/match by that name'")
 @pytest.mark.parametrize("line", [b"iptables -F nosuchchain\n", b"iptables -t nat -F nosuchchain\n"])
 def test_translate_iptables_flush_of_unknown_chain(line):
     status, out, err = oracle.call(i2n_cli.main, ["translate", "--from", "iptables", "-"], line, "ipvs2nft")
@@ -555,12 +549,8 @@ def test_translate_iptables_flush_of_unknown_chain(line):
 
 
 HUGE = "1" * 5000  # more digits than Python's int() takes from a string (4300)
-HUGE_REASON = ("a number word of more than 4300 digits makes int() raise ValueError in netaddr.strtol: "
-               "'internal error' from ipvsadm, a traceback from ipvs2nft translate, instead of "
-               "ipvsadm's 'invalid ...' message and status 2")
 
 
-@pytest.mark.xfail(strict=True, reason=HUGE_REASON)
 @pytest.mark.parametrize("argv,message", [
     (["-A", "-t", "10.0.0.1:80", "-p", HUGE], f"invalid timeout value `{HUGE}' specified\n"),
     (["-A", "-t", f"10.0.0.1:{HUGE}"], "illegal virtual server address[:port] specified\n"),

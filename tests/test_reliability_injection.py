@@ -278,9 +278,6 @@ def test_installed_commands_with_hostile_words(tmp_path):
         assert d.kernel_equals_store() is None
 
 
-@pytest.mark.xfail(strict=True, reason="an undecodable byte in --mcast-interface (argv is bytes) raises "
-                   "UnicodeEncodeError (traceback, or 'internal error') instead of ipvsadm's "
-                   "'No such device'")
 def test_undecodable_interface_name(tmp_path):
     env = dict(os.environ, IPVS2NFT_STATE=str(tmp_path / "state.json"), IPVS2NFT_BACKEND="none")
     p = subprocess.run([str(BIN / "ipvsadm"), b"--start-daemon", b"master", b"--mcast-interface", b"lo\xff"],

@@ -82,9 +82,6 @@ def _hidden(d: Director, hide: list[str], prog: str, args: str, stdin, env: dict
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, reason="without a loadable libnftables python3-nftables' Nftables.__del__ "
-                   "raises AttributeError: 'Exception ignored ... Traceback' is printed (twice) before the "
-                   "message")
 @pytest.mark.parametrize("prog,args,stdin", MUTATIONS, ids=[m[1] or m[0] for m in MUTATIONS])
 def test_no_libnftables(director, prog, args, stdin):
     state, table = director.state_bytes(), director.table_text()
@@ -140,11 +137,6 @@ def _as_nobody(state: Path, prog: str, args: str, ns: str | None = None) -> subp
                           timeout=60, cwd="/")
 
 
-NOT_ROOT_REASON = ("not root does not get ipvsadm's \"Can't initialize ipvs: Permission denied (you must be "
-                   "root)\" (status 2): it gets ipvs2nft's file errors, or libnftables' own stderr lines "
-                   "plus ours, and some listings succeed")
-
-
 @pytest.fixture
 def public_tmp():
     """A directory everybody may traverse (pytest's tmp_path is under a 0700 one)."""
@@ -157,7 +149,6 @@ def public_tmp():
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_ROOT_REASON)
 @pytest.mark.parametrize("prog,args", AS_NOBODY, ids=[f"{p} {a}".strip() for p, a in AS_NOBODY])
 def test_not_root_gets_ipvsadm_wording(public_tmp, prog, args):
     """The state directory as root leaves it: /run/ipvs2nft, 0700."""
@@ -206,8 +197,6 @@ exec {real} "$@"
 """
 
 
-@pytest.mark.xfail(strict=True, reason="make demo (ipvs2nft.demo) without network namespace support ends "
-                   "in a CalledProcessError traceback from lab._run instead of one line")
 def test_demo_without_netns_support(tmp_path):
     _needs_root()
     fake = tmp_path / "bin"

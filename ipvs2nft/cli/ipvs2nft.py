@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ipvs2nft import __version__
-from ipvs2nft.errors import IpvsadmError
+from ipvs2nft.errors import IpvsadmError, internal_error
 from ipvs2nft.ipvsadm import cmdline
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.model import Table
@@ -73,8 +73,6 @@ def _snat_value(mode: str) -> str:
 
 def cmd_snat(args) -> int:
     from ipvs2nft.cli.ipvsadm import open_session
-    from ipvs2nft.errors import IpvsadmError
-
     try:
         session = open_session()
         if args.mode is None:
@@ -94,6 +92,9 @@ def cmd_snat(args) -> int:
     except IpvsadmError as exc:
         sys.stderr.write(exc.message + "\n")
         return exc.status
+    except PermissionError:
+        sys.stderr.write("ipvs2nft: snat: Permission denied (you must be root)\n")
+        return 2
     return 0
 
 
@@ -165,10 +166,15 @@ def cmd_translate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "translate":
-        return cmd_translate(args)
-    if args.command == "snat":
-        return cmd_snat(args)
+    try:
+        if args.command == "translate":
+            return cmd_translate(args)
+        if args.command == "snat":
+            return cmd_snat(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        return internal_error(exc)
     return 2  # pragma: no cover - argparse requires a command
 
 

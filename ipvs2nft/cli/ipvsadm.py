@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 
 from ipvs2nft import faults, ipvs, listing
 from ipvs2nft.backend import Backend, open_backend
-from ipvs2nft.errors import Exit, IpvsadmError, KernelError, ListError, PoptError, TryHelp, UsageError
+from ipvs2nft.errors import (
+    Exit,
+    IpvsadmError,
+    KernelError,
+    ListError,
+    LockTimeout,
+    PoptError,
+    StoreError,
+    TryHelp,
+    UsageError,
+    internal_error,
+)
 from ipvs2nft.ipvsadm import cmdline, restore
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.ipvsadm.cmdline import Command, Format
@@ -72,7 +83,10 @@ class Session:
             self.table = change(self._observe(self.table, keys))
             return
         with self.store.locked():
-            old = self.store.read() if keys is None else self.store.read_services(keys)
+            if keys is None:  # -C starts afresh from an unusable state file
+                old = self.store.read(fresh_if_unusable=change is ipvs.flush)
+            else:
+                old = self.store.read_services(keys)
             current = self._observe(old.table.copy(), keys)
             self._commit(old, change(current))
 
@@ -105,7 +119,7 @@ class Session:
         faults.point("after-store")
         self.store.record_genid(self.backend.ruleset_genid())
 
-    def check(self) -> None:
+    def check(self, reader: bool = False) -> None:
         """Before any command: the kernel must do what the store says.
 
         Cheap when all is well (the kernel's generation element and the
@@ -113,18 +127,29 @@ class Session:
         under the lock: publish a state file a crashed command staged for
         the kernel's generation, drop other staged files, and rebuild our
         tables from the store if they still differ -- also after a hand edit
-        inside them, which a changed ruleset id makes us look for."""
+        inside them, which a changed ruleset id makes us look for.
+
+        A ``reader`` (``-L``, ``-S``) does not queue behind the writers: when
+        the lock is taken it answers from the store, which is the truth the
+        listing shows, and leaves the repair to the writer or the next call."""
         if not self.backend.checks:
             return
         staged = self.store.staged()
         kernel_gen = self.backend.generation()
         genid = self.backend.ruleset_genid()
-        head = self.store.read_services([])
+        try:
+            head = self.store.read_services([])
+        except StoreError:
+            return  # an unusable state file: the command reports it (or -C starts afresh)
         if not staged and kernel_gen == head.generation and genid is not None \
                 and genid == self.store.seen_genid():
             return
-        with self.store.locked():
-            self._repair()
+        try:
+            with self.store.locked(wait=0 if reader else None):
+                self._repair()
+        except LockTimeout:
+            if not reader:
+                raise
 
     def _repair(self) -> None:
         kernel_gen = self.backend.generation()
@@ -140,9 +165,9 @@ class Session:
             self.backend.rebuild(current.table, current.generation)
         self.store.record_genid(self.backend.ruleset_genid())
 
-    def begin_batch(self) -> None:
+    def begin_batch(self, fresh_if_unusable: bool = False) -> None:
         self.batch = True
-        self.snapshot = self.store.read()
+        self.snapshot = self.store.read(fresh_if_unusable)
         self.table = self.snapshot.table.copy()
 
     def end_batch(self) -> None:
@@ -219,7 +244,7 @@ def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
             raise TryHelp(argv0)  # restore_table() refuses to nest
         return _restore(argv0, session, stdin.read())
     if not session.batch:
-        session.check()
+        session.check(reader=cmd.name in ("list", "save"))
     execute(cmd, session)
     return 0
 
@@ -230,7 +255,7 @@ def _restore(argv0: str, session: Session, data: bytes, flush_first: bool = Fals
     that of the last line.  Committed as one transaction at the end."""
     session.check()
     with session.store.locked():
-        session.begin_batch()
+        session.begin_batch(fresh_if_unusable=flush_first)
         try:
             if flush_first:
                 session.table = ipvs.flush(session.table)
@@ -291,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = open_session()
         if not argv:
-            session.check()
+            session.check(reader=True)
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
         stdin = sys.stdin.buffer if sys.stdin else None
@@ -310,15 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
-        return _internal_error(exc)
-
-
-def _internal_error(exc: Exception) -> int:
-    """A bug: one line instead of a traceback (IPVS2NFT_DEBUG=1 shows it)."""
-    if os.environ.get("IPVS2NFT_DEBUG"):
-        raise exc
-    _stderr(f"ipvs2nft: internal error ({type(exc).__name__}: {exc}); please report it")
-    return 2
+        return internal_error(exc)
 
 
 def save_main(argv: list[str] | None = None) -> int:
@@ -360,7 +377,7 @@ def restore_main(argv: list[str] | None = None) -> int:
         _stderr(_init_failure(exc).message)
         return 2
     except Exception as exc:  # noqa: BLE001
-        return _internal_error(exc)
+        return internal_error(exc)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from ipvs2nft.iptables import shares as sh
+from ipvs2nft.iptables.parse import decimal
 from ipvs2nft.iptables.rules import HARMLESS, Chain, Rule, Ruleset
 from ipvs2nft.iptables.slots import NTH, RANDOM, Plan
 from ipvs2nft.model import F_PERSISTENT, Dest, Forward, Service
@@ -100,8 +101,9 @@ def _network(text: str) -> IPNetwork | None:
 
 
 def _port(text: str, proto: str | None) -> int | None:
-    if text.isdigit():
-        return int(text) if int(text) <= 65535 else None
+    if text.isascii() and text.isdigit():
+        value = decimal(text)
+        return value if value is not None and value <= 65535 else None
     try:
         return socket.getservbyname(text, proto or "tcp")
     except OSError:
@@ -306,9 +308,10 @@ def backend_of(rule: Rule) -> Backend | None:
         addr = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if (addr.version == 6) != (rule.family == 6) or (port and not port.isdigit()):
+    number = decimal(port) if port else 0
+    if (addr.version == 6) != (rule.family == 6) or number is None or number > 65535:
         return None
-    return Backend(addr, int(port) if port else 0)
+    return Backend(addr, number)
 
 
 # ---------------------------------------------------------------- results
@@ -656,8 +659,10 @@ def _recent(rule: Rule, verbs: tuple[str, ...]) -> tuple[str, int | None, str | 
     seconds = m.get("seconds")
     name = m.get("name")
     mask = m.get("mask")
-    return (name.value if name else "DEFAULT", int(seconds.value) if seconds else None,
-            mask.value if mask else None)
+    timeout = decimal(seconds.value) if seconds else None
+    if seconds and timeout is None:
+        return None
+    return (name.value if name else "DEFAULT", timeout, mask.value if mask else None)
 
 
 def _mark_dnats(chain: Chain | None) -> dict[int, _MarkDnat]:

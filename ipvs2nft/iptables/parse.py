@@ -105,6 +105,19 @@ PROTOCOL_MATCH = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "sctp": "
 _COUNTERS = re.compile(r"\[(\d+):(\d+)\]\Z")
 
 
+def decimal(text: str) -> int | None:
+    """A plain ASCII decimal word as a number, else None.
+
+    ``str.isdigit`` accepts "²" and int() refuses words beyond 4300 digits;
+    both would end in a traceback, so the word is checked here and a number
+    too long for any iptables field (20 digits and more) is refused outright.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) < 20 else None
+
+
 @dataclass(frozen=True)
 class Command:
     """One iptables command; ``rule`` for the rule commands."""
@@ -199,9 +212,9 @@ class _RuleParser:
         return w
 
     def _optional_number(self) -> int | None:
-        if self.i < len(self.words) and self.words[self.i].isdigit():
+        if self.i < len(self.words) and decimal(self.words[self.i]) is not None:
             self.i += 1
-            return int(self.words[self.i - 1])
+            return decimal(self.words[self.i - 1])
         return None
 
     def parse(self) -> Command:
@@ -508,7 +521,7 @@ class Parser:
             state.chains[cmd.chain] = Chain(cmd.chain, None, declared=True)
             return
         if op == "flush":
-            for c in ([state.chains[cmd.chain]] if cmd.chain else state.chains.values()):
+            for c in ([self._chain(state, cmd.chain, cmd.line)] if cmd.chain else state.chains.values()):
                 c.rules.clear()
             return
         if op == "delete-chain":

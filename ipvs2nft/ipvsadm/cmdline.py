@@ -458,17 +458,46 @@ def _check_tunnel(tun_type: int, options: set[str]) -> None:
                              f"option in the '{name}' tunnel type")
 
 
+def _simple_hits(argv: list[str]) -> list[tuple[_Hit, int]] | None:
+    """popt's answer for the plain argv that -S writes and -R reads by the
+    ten thousand (``-a -t VIP:80 -r RS:80 -m -w 1``): every word a lone
+    short option, each required value a word that does not start with '-'.
+    None for anything else -- bundles, long options, optional values,
+    leftovers -- which the full Popt reads.  Each hit comes with popt's
+    read position after it (for the words error messages quote)."""
+    hits: list[tuple[_Hit, int]] = []
+    i, n = 0, len(argv)
+    while i < n:
+        w = argv[i]
+        spec = BY_SHORT.get(w[1]) if len(w) == 2 and w[0] == "-" else None
+        if spec is None:
+            return None
+        if spec.arg is Arg.NONE:
+            i += 1
+            hits.append((_Hit(spec, None), i))
+        elif spec.arg is Arg.REQUIRED and i + 1 < n and argv[i + 1][:1] not in ("-", ""):
+            i += 2
+            hits.append((_Hit(spec, argv[i - 1]), i))
+        else:
+            return None
+    return hits or None
+
+
 def _read_options(argv: list[str], argv0: str) -> tuple[_Entry, Popt]:
     """parse_options(): the command, then every option in argv order."""
     popt = Popt(argv)
     e = _Entry()
-    first = popt.get()
+    simple = _simple_hits(argv)
+    first = simple.pop(0)[0] if simple else popt.get()
     if not isinstance(first, _Hit) or first.spec.tag not in COMMAND_TAGS:
         raise TryHelp(argv0)
     e.cmd = _first_command(e, first)
     if e.cmd in ("help", "version"):
         return e, popt
-    while True:
+    if simple is not None:
+        for hit, popt.next in simple:  # popt.next: for bad_option() in messages
+            _option(e, hit.spec.tag, hit.value, popt)
+    while simple is None:
         hit = popt.get()
         if hit is None:
             break

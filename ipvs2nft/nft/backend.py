@@ -10,7 +10,10 @@ store), the table is rebuilt from the store in one transaction instead.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,6 +27,22 @@ from ipvs2nft.nft import build, direct, genid, scratch, tunnels
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
 
+LIBNFTABLES = "libnftables.so.1"  # the binding's default soname
+CAP_NET_ADMIN = 12
+
+
+def may_administer_network() -> bool:
+    """Whether this process has CAP_NET_ADMIN, which IPVS (and nf_tables)
+    ask of every caller: without it ipvsadm stops at ipvs_init()."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
 
 class Nft:
     """One libnftables context, (rc, out, err) turned into exceptions."""
@@ -34,7 +53,10 @@ class Nft:
         except ImportError:
             raise BackendError(MISSING_BINDING) from None
         try:
-            self._ctx = nftables.Nftables()
+            # Load the library first: when the binding's own constructor fails
+            # to, its __del__ prints a traceback on the half-made object.
+            ctypes.CDLL(LIBNFTABLES)
+            self._ctx = nftables.Nftables(sofile=LIBNFTABLES)
         except OSError as exc:
             raise BackendError(f"ipvs2nft: libnftables cannot be loaded ({exc}); "
                                "install the nftables package") from None
@@ -78,6 +100,8 @@ class NftBackend(Backend):
     checks = True
 
     def __init__(self, store) -> None:
+        if not may_administer_network():
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
         self.store = store
         self._nft: Nft | None = None
 
