@@ -22,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml
 	fi
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(VPY) -m pip install -q -e '.[test,docs]'
+	$(VPY) -m pip install -q --config-settings editable_mode=compat -e '.[test,docs]'
 	$(VPY) -c 'import nftables' || { echo "python3-nftables is not importable from $(VENV)"; exit 1; }
 	touch $(STAMP)
 

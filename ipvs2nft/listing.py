@@ -10,6 +10,7 @@ characters, real-server names at 28).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def _s32(value: int) -> int:
     return value - 0x100000000 if value & 0x80000000 else value
 
 
+@functools.lru_cache(maxsize=65536)
 def _words(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> tuple[int, int, int, int]:
     """The address as libipvs holds it: union nf_inet_addr, four host-order words."""
     if addr is None:

@@ -199,8 +199,10 @@ def atoi(text: str) -> int:
     return value - 2**32 if value >= 2**31 else value
 
 
+@functools.lru_cache(maxsize=65536)
 def ntop(addr: IPAddress) -> str:
-    """``inet_ntop`` text of an address (glibc's rules for IPv6 compression)."""
+    """``inet_ntop`` text of an address (glibc's rules for IPv6 compression).
+    Cached: a listing of 10,000 services prints the same real servers often."""
     if addr.version == 4:
         return str(addr)
     return socket.inet_ntop(socket.AF_INET6, addr.packed)
@@ -227,6 +229,7 @@ def port_to_service(port: int, protocol: int) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=65536)
 def addrport(addr: IPAddress, port: int, protocol: int, numeric: bool) -> str:
     """ipvsadm's ``addrport_to_anyname``: ``a.b.c.d:port`` or ``[v6]:port``.
 

@@ -173,6 +173,7 @@ class Snapshot:
     next_rid: int = 1
     partial: bool = False
     raw: bytes = b""
+    header_only: bool = False  # no service was read: the table is about to be replaced as a whole
 
 
 def _digest(body: bytes) -> str:
@@ -285,6 +286,24 @@ class Store:
             raise _corrupt(self.path, str(exc)) from None
         return Snapshot(_table_from(head, services, self.path), head["generation"], head["next_rid"],
                         False, raw)
+
+    def read_header(self, fresh_if_unusable: bool = False) -> Snapshot:
+        """The header alone (generation, ids, timeouts, daemons): for
+        ipvsadm-restore, which replaces every service and so has no use for
+        decoding (and verifying) ten thousand lines it throws away.  The
+        digest is still checked, so a corrupt file is caught as by ``read``."""
+        try:
+            raw = self._raw()
+            if raw is None:
+                return Snapshot(Table(), header_only=True)
+            head, _ = _split_header(raw, self.path)
+            return Snapshot(_table_from(head, [], self.path), head["generation"], head["next_rid"],
+                            header_only=True)
+        except StoreError as exc:
+            if not fresh_if_unusable or "unusable" not in exc.message:
+                raise
+            self._set_aside()
+            return Snapshot(Table(), header_only=True)
 
     def read_services(self, keys: Iterable[ServiceKey]) -> Snapshot:
         """Only the given services (and the header): what one-service commands need."""
@@ -457,15 +476,21 @@ class Store:
     def _assign_ids(self, old: Snapshot, table: Table) -> tuple[Table, int]:
         if all(s.sid and all(d.rid for d in s.dests) for s in table.services):
             return table, old.next_rid
-        used = set(_all_sids(old.raw)) if old.partial else set()
-        used.update(s.sid for s in table.services if s.sid)
         next_rid = old.next_rid
-        free = (sid for sid in range(1, _MAX_SID + 1) if sid not in used)
+
+        def free_sids() -> Iterator[int]:  # scanning 10,000 lines only when a new service needs a sid
+            used = set(_all_sids(old.raw)) if old.partial else set()
+            used.update(s.sid for s in table.services if s.sid)
+            return (sid for sid in range(1, _MAX_SID + 1) if sid not in used)
+
+        free = None
         services = []
         for svc in table.services:
             if svc.sid and all(d.rid for d in svc.dests):
                 services.append(svc)
                 continue
+            if not svc.sid and free is None:
+                free = free_sids()
             sid = svc.sid or next(free, None)
             if sid is None:
                 raise StoreError(f"ipvs2nft: more than {_MAX_SID} virtual services")

@@ -66,3 +66,16 @@ def test_plain_argv_shortcut_equals_popt(monkeypatch, seed):
     assert sum(cmdline._simple_hits(a) is not None for a in lines) > 150  # the shortcut is used
     monkeypatch.setattr(cmdline, "_simple_hits", lambda argv: None)
     assert [_outcome(argv) for argv in lines] == fast
+
+
+def test_restore_line_splitting_equals_the_scanner():
+    """restore.lines() splits whole lines in bulk; restore.scan() is the
+    token-by-token emulation of ipvsadm's fscanf loop."""
+    from ipvs2nft.ipvsadm import restore
+
+    rng = random.Random(3)
+    pieces = [b"-A", b"-t", b"1.2.3.4:80", b"ipvsadm", b" ", b"  ", b"\t", b"\r", b"\n", b"\n\n", b"#",
+              b"\xff", b"\x0b", b"x" * 4095, b"y" * 4097, b"ipvsadmx"]
+    for _ in range(3000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert list(restore.lines(data)) == list(restore.scan(data)), data[:200]

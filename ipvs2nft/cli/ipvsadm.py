@@ -15,8 +15,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ipvs2nft import faults, ipvs, listing
-from ipvs2nft.backend import Backend, open_backend
 from ipvs2nft.errors import (
     Exit,
     IpvsadmError,
@@ -29,17 +27,23 @@ from ipvs2nft.errors import (
     UsageError,
     internal_error,
 )
-from ipvs2nft.ipvsadm import cmdline, restore
-from ipvs2nft.ipvsadm.apply import mutation
+from ipvs2nft.ipvsadm import cmdline
 from ipvs2nft.ipvsadm.cmdline import Command, Format
 from ipvs2nft.ipvsadm.options import VERSION_LINE
-from ipvs2nft.model import Table
-from ipvs2nft.store import Snapshot, Store
+from ipvs2nft.privilege import may_administer_network
+
+# The table's machinery (store, IPVS rules, listings, nftables) is imported
+# where it is first needed, so that -h, -v and parse errors start as fast
+# as the interpreter allows.
+if False:  # typing.TYPE_CHECKING without importing typing (1.5 ms of start-up)
+    from ipvs2nft.backend import Backend
+    from ipvs2nft.model import Table
+    from ipvs2nft.store import Snapshot, Store
 
 INIT_FAILURE = ("Can't initialize ipvs: {reason}\n"
                 "Are you sure that IP Virtual Server is built in the kernel or as module?")
 
-Mutation = Callable[[Table], Table]
+Mutation = Callable[["Table"], "Table"]
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Session:
         if self.batch:
             self.table = change(self._observe(self.table, keys))
             return
+        from ipvs2nft import ipvs
+
         with self.store.locked():
             if keys is None:  # -C starts afresh from an unusable state file
                 old = self.store.read(fresh_if_unusable=change is ipvs.flush)
@@ -106,6 +112,8 @@ class Session:
         file: either way nothing changed.  A crash after the kernel leaves the
         staged file, whose generation is the kernel's: the next command
         publishes it (``check``), so store and kernel agree again."""
+        from ipvs2nft import faults
+
         prepared = self.store.prepare(old, new_table)
         staged = self.store.stage(prepared)
         faults.point("before-kernel")
@@ -165,19 +173,23 @@ class Session:
             self.backend.rebuild(current.table, current.generation)
         self.store.record_genid(self.backend.ruleset_genid())
 
-    def begin_batch(self, fresh_if_unusable: bool = False) -> None:
+    def begin_batch(self, replace_all: bool = False) -> None:
+        """``replace_all`` (ipvsadm-restore): the table is flushed first, so
+        only the store's header is read and an unusable file is set aside."""
         self.batch = True
-        self.snapshot = self.store.read(fresh_if_unusable)
+        self.snapshot = self.store.read_header(True) if replace_all else self.store.read()
         self.table = self.snapshot.table.copy()
 
     def end_batch(self) -> None:
-        if self.table != self.snapshot.table:
+        if self.snapshot.header_only or self.table != self.snapshot.table:
             self._commit(self.snapshot, self.table)
         for action in self.after_commit:
             action()
 
 
 def _list(cmd: Command, session: Session) -> None:
+    from ipvs2nft import listing
+
     fmt = cmd.fmt
     if "connection" in cmd.options:
         session.out.append(listing.list_conn(session.backend.connections(session.full_table()), fmt))
@@ -194,6 +206,8 @@ def _list(cmd: Command, session: Session) -> None:
 
 def _zero(cmd: Command, session: Session) -> None:
     """``-Z``: the service must exist; the counters live in the kernel."""
+    from ipvs2nft import ipvs
+
     if "service-address" in cmd.options:
         key = cmd.service.key
         table = session.table if session.batch else session.store.read_services([key]).table
@@ -209,6 +223,9 @@ def _zero(cmd: Command, session: Session) -> None:
 
 def execute(cmd: Command, session: Session) -> None:
     """Carry out one parsed command; raises on failure."""
+    from ipvs2nft import listing
+    from ipvs2nft.ipvsadm.apply import mutation
+
     if cmd.name == "list":
         _list(cmd, session)
     elif cmd.name == "save":
@@ -232,7 +249,11 @@ def _help(argv0: str) -> str:
 def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
     """One ipvsadm invocation (or one -R line).  Returns the exit status of a
     line that failed in a way -R survives; raises on the fatal ones."""
-    cmd = cmdline.parse(argv, argv0)
+    return run_command(cmdline.parse(argv, argv0), argv0, session, stdin)
+
+
+def run_command(cmd: Command, argv0: str, session: Session, stdin) -> int:
+    """A parsed invocation (see run_line)."""
     if cmd.name == "help":
         session.out.append(_help(argv0))
         raise Exit(0)
@@ -253,9 +274,12 @@ def _restore(argv0: str, session: Session, data: bytes, flush_first: bool = Fals
     """``-R``: each line like its own invocation; kernel and popt errors are
     reported and skipped, validation errors end the restore; the status is
     that of the last line.  Committed as one transaction at the end."""
+    from ipvs2nft import ipvs
+    from ipvs2nft.ipvsadm import restore
+
     session.check()
     with session.store.locked():
-        session.begin_batch(fresh_if_unusable=flush_first)
+        session.begin_batch(replace_all=flush_first)
         try:
             if flush_first:
                 session.table = ipvs.flush(session.table)
@@ -287,8 +311,18 @@ def _argv0() -> str:
 
 def open_session() -> Session:
     """A session on the configured store and back end."""
+    from ipvs2nft.backend import open_backend
+    from ipvs2nft.store import Store
+
     store = Store()
     return Session(store=store, backend=open_backend(store))
+
+
+def _require_privilege() -> None:
+    """ipvsadm stops at ipvs_init() without CAP_NET_ADMIN, before reading
+    its arguments; so does the nftables back end (not the store-only one)."""
+    if os.environ.get("IPVS2NFT_BACKEND", "nft") != "none" and not may_administer_network():
+        raise PermissionError(1, "Operation not permitted")
 
 
 def _init_failure(exc: OSError) -> UsageError:
@@ -314,13 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     argv0 = _argv0()
     session = None
     try:
-        session = open_session()
+        _require_privilege()
         if not argv:
+            from ipvs2nft import listing
+
+            session = open_session()
             session.check(reader=True)
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
+        cmd = cmdline.parse(argv, argv0)
+        if cmd.name in ("help", "version"):
+            sys.stdout.write(_help(argv0) if cmd.name == "help" else VERSION_LINE + "\n")
+            return 0
+        session = open_session()
         stdin = sys.stdin.buffer if sys.stdin else None
-        status = run_line(argv, argv0, session, stdin)
+        status = run_command(cmd, argv0, session, stdin)
         return _finish(session, status)
     except Exit as exc:
         return _finish(session, exc.status)
@@ -363,6 +405,7 @@ def restore_main(argv: list[str] | None = None) -> int:
     argv0 = "ipvsadm"
     session = None
     try:
+        _require_privilege()
         session = open_session()
         status = _restore(argv0, session, text, flush_first=True)
         return _finish(session, status)

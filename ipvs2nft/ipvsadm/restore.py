@@ -16,8 +16,30 @@ _BLANKS = b" \t\r"
 _MAX_TOKEN = 4096
 
 
+_TO_SPACE = bytes.maketrans(b"\t\r", b"  ")
+
+
 def lines(data: bytes) -> Iterator[list[str]]:
-    """Each line's words, without ``ipvsadm``; blank lines give ``[]``."""
+    """Each line's words, without ``ipvsadm``; blank lines give ``[]``.
+
+    A complete line shorter than a token's limit is plain splitting at
+    blanks, done here in bulk; a longer one, and a last line without its
+    newline (where the EOF quirk lives), go through the scanner."""
+    complete, newline, last = data.rpartition(b"\n")
+    if not newline:
+        yield from scan(data)
+        return
+    for line in complete.split(b"\n"):
+        if len(line) < _MAX_TOKEN:
+            yield [w.decode("utf-8", "surrogateescape")
+                   for w in line.translate(_TO_SPACE).split(b" ") if w and w != b"ipvsadm"]
+        else:
+            yield from scan(line + b"\n")
+    yield from scan(last)
+
+
+def scan(data: bytes) -> Iterator[list[str]]:
+    """config_stream_read(), token by token."""
     pos, end = 0, len(data)
     words: list[str] = []
     while pos < end:

@@ -23,26 +23,12 @@ from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Service, Table
 from ipvs2nft.nft import build, direct, genid, scratch, tunnels
+from ipvs2nft.privilege import may_administer_network
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
 
 LIBNFTABLES = "libnftables.so.1"  # the binding's default soname
-CAP_NET_ADMIN = 12
-
-
-def may_administer_network() -> bool:
-    """Whether this process has CAP_NET_ADMIN, which IPVS (and nf_tables)
-    ask of every caller: without it ipvsadm stops at ipvs_init()."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except (OSError, ValueError):
-        pass
-    return os.geteuid() == 0
-
 
 class Nft:
     """One libnftables context, (rc, out, err) turned into exceptions."""
@@ -125,20 +111,20 @@ class NftBackend(Backend):
         return table
 
     def _scheduled(self, svc: Service) -> int:
+        """The packet counter of the service's scheduling rule (the one with
+        ``numgen``, build._scheduler_rule), read by a filtered rule dump."""
         if direct.is_direct(svc):
-            where = f"{direct.table('6' if svc.af == 10 else '4')} {direct.chain(svc)}"
+            where = direct.table("6" if svc.af == 10 else "4").split() + [direct.chain(svc)]
         else:
-            where = f"{build.TABLE} {build.svc_chain(svc)}"
-        data = self.nft.json(f"list chain {where}")
-        for item in (data or {}).get("nftables", []):
-            rule = item.get("rule")
-            if not rule:
-                continue
-            exprs = rule.get("expr", [])
-            if "numgen" in json.dumps(exprs):  # the scheduling rule (build._scheduler_rule)
-                for e in exprs:
-                    if "counter" in e:
-                        return int(e["counter"].get("packets", 0))
+            where = build.TABLE.split() + [build.svc_chain(svc)]
+        try:
+            found = genid.rules(*where)
+        except OSError:
+            return 0
+        for exprs in found:
+            names = [name for name, _ in exprs]
+            if "numgen" in names and "counter" in names:
+                return genid.counter_packets(exprs[names.index("counter")][1])
         return 0
 
     # ------------------------------------------------------------ applying
@@ -155,10 +141,16 @@ class NftBackend(Backend):
         except BaseException:
             tunnels.remove(created)
             raise
-        stale = set(direct.tunnels(old.table.services)) - set(wanted)
-        tunnels.remove(sorted(stale))
+        before = tunnels.existing() if old.header_only else set(direct.tunnels(old.table.services))
+        tunnels.remove(sorted(before - set(wanted)))
 
     def _apply(self, old, new) -> None:
+        if old.header_only or not (old.partial or old.table.services):
+            # A whole new table (ipvsadm-restore, or the first -R): one full
+            # load is cheaper than element-by-element, and there is nothing
+            # learned (persistence) in the old one worth keeping.
+            self.rebuild(new.table, new.generation)
+            return
         script = build.incremental(old.table, new.table, old.generation, new.generation)
         if script is not None:
             try:
