@@ -473,6 +473,27 @@ class Store:
         except OSError:
             pass  # only an optimisation: the next command verifies the table
 
+    def first_uses(self, names: set[str]) -> set[str]:
+        """Which of ``names`` this state directory has not met before; they
+        are remembered from now on (``<state>.seen``, one name per line).
+        For warnings that should be given once, not on every command."""
+        path = self.path + ".seen"
+        try:
+            with open(path, encoding="utf-8") as f:
+                known = set(f.read().split())
+        except OSError:
+            known = set()
+        new = names - known
+        if new:
+            try:
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(path, flags, 0o600)
+                with os.fdopen(fd, "a", encoding="utf-8") as f:
+                    f.write("".join(f"{n}\n" for n in sorted(new)))
+            except OSError:
+                pass
+        return new
+
     def _assign_ids(self, old: Snapshot, table: Table) -> tuple[Table, int]:
         if all(s.sid and all(d.rid for d in s.dests) for s in table.services):
             return table, old.next_rid

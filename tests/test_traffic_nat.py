@@ -133,10 +133,20 @@ def test_fo_takes_the_highest_weight(lab):
 
 @pytest.mark.parametrize("scheduler", ["lc", "wlc", "sed", "nq", "lblc", "lblcr", "ovf"])
 def test_approximated_schedulers_balance(lab, scheduler):
+    """Until live connection counts exist, these run as the scheduler they
+    are approximated by (sched.APPROXIMATED): lc, wlc, sed, nq spread
+    sequential connections by weight like wrr; ovf stays on the highest
+    weight like fo; lblc and lblcr keep one server per destination like dh."""
     add(lab, f"-A -t {V} -s {scheduler}")
-    servers(lab, f"-t {V}", 3)
-    answers = lab.backends(VIP4, 80, 9)
-    assert None not in answers and len(set(answers)) >= 1
+    servers(lab, f"-t {V}", 3, weights=[1, 2, 1])
+    counts = collections.Counter(lab.backends(VIP4, 80, 8))
+    assert None not in counts
+    if scheduler in ("lc", "wlc", "sed", "nq"):
+        assert counts == {rs4(0): 2, rs4(1): 4, rs4(2): 2}
+    elif scheduler == "ovf":
+        assert counts == {rs4(1): 8}
+    else:
+        assert len(counts) == 1 and sum(counts.values()) == 8
 
 
 # ---------------------------------------------------------------- persistence
@@ -284,3 +294,27 @@ def test_snat_option_for_servers_that_do_not_route_back(lab):
         assert lab.ipvsadm("snat 10.0.0.1,10.0.0.2", prog="ipvs2nft", check=False).returncode == 2
     finally:
         lab.sh(lab.rs(0), "ip route del 198.51.100.0/24; ip route add default via 192.168.100.1")
+
+
+def test_real_server_on_the_director_itself(lab):
+    """A real server whose address is the director's own (IPVS's "Local"
+    forwarding): the DNAT to a local address is delivered locally, from the
+    client and from the director itself, alongside remote servers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    server = subprocess.Popen(["ip", "netns", "exec", lab.director, sys.executable, "-m", "ipvs2nft.labnode",
+                               "serve", "--name", "director", "--tcp", "8080"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        add(lab, f"-A -t {V} -s rr", f"-a -t {V} -r {rs4(0)}:80 -m", f"-a -t {V} -r 192.168.100.1:8080 -m")
+        assert "  -> 192.168.100.1:8080" in lab.ipvsadm("-L -n").stdout
+        assert lab.backends(VIP4, 80, 4) == ["director", rs4(0)] * 2
+        assert lab.backends(VIP4, 80, 2, ns=lab.director) == ["director", rs4(0)]
+    finally:
+        server.kill()
+        server.wait()

@@ -126,6 +126,8 @@ class Session:
         self.store.publish(staged)
         faults.point("after-store")
         self.store.record_genid(self.backend.ruleset_genid())
+        if self.backend.checks:
+            _warn_approximated(self.store, prepared.table)
 
     def check(self, reader: bool = False) -> None:
         """Before any command: the kernel must do what the store says.
@@ -185,6 +187,24 @@ class Session:
             self._commit(self.snapshot, self.table)
         for action in self.after_commit:
             action()
+
+
+def _warn_approximated(store, table: Table) -> None:
+    """Once per scheduler and state directory, to syslog: lc, wlc (ipvsadm's
+    default), sed, nq, ovf, lblc and lblcr run as the scheduler they are
+    approximated by.  Not on stderr, which scripts compare with ipvsadm's."""
+    from ipvs2nft.sched import APPROXIMATED
+
+    used = {s.scheduler for s in table.services if s.scheduler in APPROXIMATED}
+    if not used:
+        return
+    import syslog
+
+    for name in sorted(store.first_uses(used)):
+        syslog.openlog("ipvs2nft", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING,
+                      f"scheduler {name} runs as {APPROXIMATED[name]}: it needs live connection counts, "
+                      "which ipvs2nft does not have yet (see compat-matrix.md)")
 
 
 def _list(cmd: Command, session: Session) -> None:
