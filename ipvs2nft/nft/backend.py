@@ -199,13 +199,31 @@ class NftBackend(Backend):
         namespace (both listed by the same nft); any difference -- a rule
         added, an element changed, a chain flushed -- means rebuild."""
         expected = build.full(snapshot.table, snapshot.generation).text()
-        p = subprocess.run(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
-                           input=expected, capture_output=True, text=True, env=_module_env())
-        if p.returncode != 0:
-            return False
-        actual = self.nft.json("list ruleset")
+        # The scratch namespace loads and lists while we list the kernel's
+        # tables: at 10,000 services each side takes about a second.
+        child = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True, env=_module_env())
+        import threading
+
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda: chunks.append(child.stdout.read()), daemon=True)
         try:
-            return scratch.normalize(json.loads(p.stdout)) == scratch.normalize(actual or {})
+            child.stdin.write(expected)
+            child.stdin.close()
+            reader.start()
+            actual = self.nft.json("list ruleset")
+            reader.join()
+            child.wait()
+            out = "".join(chunks)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        if child.returncode != 0:
+            return False
+        try:
+            return scratch.normalize(json.loads(out)) == scratch.normalize(actual or {})
         except (ValueError, KeyError, TypeError):
             return False
 
