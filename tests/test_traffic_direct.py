@@ -64,6 +64,18 @@ def test_dr_udp(lab):
     assert lab.backends(VIP4, 53, 6, proto="udp") == [rs4(2), rs4(1), rs4(0)] * 2
 
 
+def test_dr_one_packet_scheduling(lab):
+    """-o: each datagram is scheduled on its own, so one client socket (the
+    same source port every time) goes round the servers; without -o the
+    flow stays on one server."""
+    lab.ipvsadm(f"-A -u {VIP4}:53 -s rr -o")
+    for i in range(3):
+        lab.ipvsadm(f"-a -u {VIP4}:53 -r {rs4(i)}:53 -g")
+    assert lab.backends(VIP4, 53, 6, proto="udp", sport=40053) == [rs4(2), rs4(1), rs4(0)] * 2
+    lab.ipvsadm(f"-E -u {VIP4}:53 -s rr")
+    assert len(set(lab.backends(VIP4, 53, 4, proto="udp", sport=40054))) == 1
+
+
 def test_dr_ipv6(lab):
     lab.ipvsadm(f"-A -t [{VIP6}]:80 -s rr")
     for i in range(3):

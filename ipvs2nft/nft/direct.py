@@ -111,11 +111,24 @@ def _flow_key(svc: Service, fam: str) -> str:
     return f"{_ip(fam)} saddr . th sport"
 
 
+def _not_one_packet(svc: Service) -> str | None:
+    """The match that limits flow memory to what -o leaves per-flow: None for
+    a UDP service with -o (no flow memory), ``meta l4proto != udp`` for a
+    fwmark service with -o (IPVS applies -o to UDP only), else nothing."""
+    if not svc.onepacket:
+        return ""
+    return "meta l4proto != udp " if svc.fwmark else None
+
+
 def service_rules(svc: Service, slots: sched.Slots, scheduler_rule: str) -> list[str]:
     """Rules of ``dsvc_<sid>``: flow memory, persistence, then a slot."""
     fam = _fam(svc)
-    rules = [f"{_flow_key(svc, fam)} . meta mark & 0x0 | {d.rid:#010x} @flows goto {rs_chain(d)}"
-             for d in svc.dests]
+    # One-packet scheduling (-o): no flow memory for UDP, every datagram is
+    # scheduled (a fwmark service's TCP connections still keep theirs).
+    only = _not_one_packet(svc)
+    rules = [] if only is None else [
+        f"{only}{_flow_key(svc, fam)} . meta mark & 0x0 | {d.rid:#010x} @flows goto {rs_chain(d)}"
+        for d in svc.dests]
     if svc.persistent:
         rules += [f"{_client(svc)} . meta mark & 0x0 | {d.rid:#010x} @persist goto {rs_chain(d)}"
                   for d in svc.dests]
@@ -132,12 +145,15 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts) -> list[str]:
     key = f"{_flow_key(svc, fam)} . {dest.rid:#010x}"
     if not timeouts.tcp:  # conntrack's own timeouts asked for: IPVS's defaults here
         timeouts = Timeouts()
-    if svc.protocol == 17 and not svc.fwmark:
+    only = _not_one_packet(svc)
+    if only is None:
+        rules = []
+    elif svc.protocol == 17 and not svc.fwmark:
         rules = [f"update @flows {{ {key} timeout {timeouts.udp}s }}"]
     else:
         rules = [f"tcp flags & (fin | rst) != 0 update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
                  f"tcp flags & (fin | rst) == 0 update @flows {{ {key} timeout {timeouts.tcp}s }}",
-                 f"meta l4proto != tcp update @flows {{ {key} timeout {timeouts.udp}s }}"]
+                 f"meta l4proto != tcp {only}update @flows {{ {key} timeout {timeouts.udp}s }}"]
     if svc.persistent:
         rules.append(f"update @persist {{ {_client(svc)} . {dest.rid:#010x} timeout {svc.timeout}s }}")
     if dest.fwd is Forward.MASQ:
