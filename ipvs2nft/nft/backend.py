@@ -191,6 +191,17 @@ class NftBackend(Backend):
                 return int(elems[0])
         return None
 
+    def _our_tables(self) -> dict:
+        """Our tables as nft lists them in JSON, and nothing else: a host
+        with kube-proxy or Docker may hold far more rules than we do."""
+        names = self.nft.json("list tables") or {}
+        ours = [f"{t['family']} {t['name']}" for item in names.get("nftables", [])
+                if (t := item.get("table")) and (t.get("family"), t.get("name")) in scratch.OURS]
+        listing: dict = {"nftables": []}
+        for name in sorted(ours):
+            listing["nftables"] += (self.nft.json(f"list table {name}") or {}).get("nftables", [])
+        return listing
+
     def ruleset_genid(self) -> int | None:
         return genid.ruleset_genid()
 
@@ -212,7 +223,7 @@ class NftBackend(Backend):
             child.stdin.write(expected)
             child.stdin.close()
             reader.start()
-            actual = self.nft.json("list ruleset")
+            actual = self._our_tables()
             reader.join()
             child.wait()
             out = "".join(chunks)
