@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 
-from ipvs2nft.listing import ConnRow, Counters
 from ipvs2nft.model import Service, Table
+
+if False:  # typing.TYPE_CHECKING: listing is imported only by the commands that list
+    from ipvs2nft.listing import ConnRow, Counters
 
 
 class Backend:
@@ -47,6 +49,8 @@ class Backend:
         """Replace our kernel tables by ``table`` in one transaction."""
 
     def counters(self) -> Counters:
+        from ipvs2nft.listing import Counters
+
         return Counters()
 
     def connections(self, table: Table) -> list[ConnRow]:

@@ -252,6 +252,8 @@ class Store:
         self.path = path or state_path()
         self.lock_path = self.path + ".lock"
         self.directory = os.path.dirname(os.path.abspath(self.path))
+        self._last: tuple[tuple, bytes] | None = None
+        self._split_cache: tuple[bytes, tuple[dict, int]] | None = None
 
     # ------------------------------------------------------------ reading
     def _raw(self) -> bytes | None:
@@ -263,7 +265,24 @@ class Store:
             raise StoreError(f"ipvs2nft: cannot read the state file {self.path}: "
                              f"{os.strerror(exc.errno or 0)}") from None
         with os.fdopen(fd, "rb") as f:
-            return f.read()
+            st = os.fstat(f.fileno())
+            # The file is only ever replaced (rename), never rewritten in
+            # place: the same inode, size and mtime is the same content, and
+            # a command reads it twice (check, then under the lock).
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._last is not None and self._last[0] == identity:
+                return self._last[1]
+            raw = f.read()
+        self._last = (identity, raw)
+        return raw
+
+    def _split(self, raw: bytes) -> tuple[dict, int]:
+        """_split_header (digest included), once per content read."""
+        if self._split_cache is not None and self._split_cache[0] is raw:
+            return self._split_cache[1]
+        result = _split_header(raw, self.path)
+        self._split_cache = (raw, result)
+        return result
 
     def read(self, fresh_if_unusable: bool = False) -> Snapshot:
         """Everything, decoded: for listings, -R and full syncs.
@@ -282,7 +301,7 @@ class Store:
         raw = self._raw()
         if raw is None:
             return Snapshot(Table())
-        head, start = _split_header(raw, self.path)
+        head, start = self._split(raw)
         try:
             rows = json.loads(b"[" + raw[start:-len(_TRAILER)] + b"null]")[:-1]
             services = [_service_of(r) for r in rows]
@@ -300,7 +319,7 @@ class Store:
             raw = self._raw()
             if raw is None:
                 return Snapshot(Table(), header_only=True)
-            head, _ = _split_header(raw, self.path)
+            head, _ = self._split(raw)
             return Snapshot(_table_from(head, [], self.path), head["generation"], head["next_rid"],
                             header_only=True)
         except StoreError as exc:
@@ -314,7 +333,7 @@ class Store:
         raw = self._raw()
         if raw is None:
             return Snapshot(Table(), partial=True)
-        head, _ = _split_header(raw, self.path)
+        head, _ = self._split(raw)
         services = []
         for key in keys:
             span = _find_line(raw, key)
@@ -534,7 +553,7 @@ class Store:
     def _splice(self, old: Snapshot, table: Table) -> bytes:
         """The service lines of ``old.raw`` with the loaded services replaced."""
         raw = old.raw
-        _, start = _split_header(raw, self.path)
+        _, start = self._split(raw)
         body_end = len(raw) - len(_TRAILER)
         edits: list[tuple[int, int, bytes]] = []
         new_by_key = {s.key: s for s in table.services}

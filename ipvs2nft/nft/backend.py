@@ -14,7 +14,6 @@ import ctypes
 import errno
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -212,6 +211,8 @@ class NftBackend(Backend):
         expected = build.full(snapshot.table, snapshot.generation).text()
         # The scratch namespace loads and lists while we list the kernel's
         # tables: at 10,000 services each side takes about a second.
+        import subprocess
+
         child = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, env=_module_env())

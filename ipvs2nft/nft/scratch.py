@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 OURS = {("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft")}
 
 
 def main() -> int:
+    import subprocess
+
     import nftables
 
     script = sys.stdin.read()

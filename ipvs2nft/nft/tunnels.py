@@ -10,12 +10,13 @@ stops referring to them.  iproute2 does the work.
 
 from __future__ import annotations
 
-import subprocess
-
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import TUN_CSUM, TUN_REMCSUM, Dest, TunType
 from ipvs2nft.netaddr import AF_INET6
 from ipvs2nft.nft.direct import tunnel_device
+
+if False:  # typing.TYPE_CHECKING
+    import subprocess
 
 PREFIX = "i2n"
 
@@ -44,6 +45,8 @@ def script_lines(dests: dict[str, Dest]) -> list[str]:
 
 
 def _ip(args: list[str]) -> subprocess.CompletedProcess:
+    import subprocess  # imported here: most commands never look at tunnel devices
+
     return subprocess.run(["ip", *args], capture_output=True, text=True)
 
 
