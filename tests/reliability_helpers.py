@@ -173,11 +173,13 @@ class Director:
 def expected_shape(state: Path) -> dict | None:
     """The normalised table that a full build from the state file loads, in
     a throw-away network namespace (``unshare -n``: nothing to clean up)."""
-    from ipvs2nft.nft import build
+    from ipvs2nft.nft.backend import NftBackend
     from ipvs2nft.store import Store
 
-    snap = Store(str(state)).read()
-    script = build.full(snap.table, snap.generation).text()
+    store = Store(str(state))
+    snap = store.read()
+    # as the back end builds it on this kernel (tunnel servers without a driver quiesced)
+    script = NftBackend(store).expected_script(snap.table, snap.generation)
     p = run(["unshare", "-n", "sh", "-ec", "nft -f -; nft -j list table inet ipvs2nft"], input=script)
     return shape(json.loads(p.stdout))
 

@@ -74,8 +74,9 @@ table inet canary {
 }
 """
 OURS = {"table inet ipvs2nft", "table ip ipvs2nft", "table ip6 ipvs2nft"}
+# A saved line: options, short or long (--tun-type gue), each with at most one plain value.
 _SAVE_LINE = re.compile(r"^-(A|a) (-t|-u|--sctp-service|-f) [0-9a-fA-F.:\[\]]+"
-                        r"( -[a-zA-Z6-] ?[0-9a-zA-Z.,:\[\]-]*)*$")
+                        r"( --?[a-zA-Z6][a-zA-Z-]*( [0-9a-zA-Z.,:\[\]-]+)?)*$")
 
 
 def argv_with(template: str, payload: str) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from ipvs2nft import sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
-from ipvs2nft.model import Service, Table
+from ipvs2nft.model import Forward, Service, Table
 from ipvs2nft.nft import build, direct, genid, scratch, tunnels
 from ipvs2nft.privilege import may_administer_network
 
@@ -105,7 +105,8 @@ class NftBackend(Backend):
                 continue
             picks = self._scheduled(svc)
             if picks:
-                new = replace(svc, sched=sched.advance(svc, svc.sched, picks))
+                carried = self._carry(Table([svc])).find(svc.key)  # what the kernel scheduled over
+                new = replace(svc, sched=sched.advance(carried, svc.sched, picks))
                 table.put(new)
         return table
 
@@ -150,7 +151,9 @@ class NftBackend(Backend):
             # learned (persistence) in the old one worth keeping.
             self.rebuild(new.table, new.generation)
             return
-        script = build.incremental(old.table, new.table, old.generation, new.generation)
+        absent = self._absent(new.table)
+        script = build.incremental(self._carry(old.table, absent), self._carry(new.table, absent),
+                                   old.generation, new.generation, absent)
         if script is not None:
             try:
                 self.nft.run(script.text())
@@ -177,9 +180,48 @@ class NftBackend(Backend):
 
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our tables as a whole (one transaction)."""
+        tunnels.ensure(direct.tunnels(table.services))
+        self.nft.run(self.expected_script(table, generation))
+
+    # ------------------------------------------------------------ what this kernel can carry
+    def expected_script(self, table: Table, generation: int) -> str:
+        """The full script our tables should have been loaded from, on this kernel."""
+        absent = self._absent(table)
+        return build.full(self._carry(table, absent), generation, absent=absent).text()
+
+    @staticmethod
+    def _absent(table: Table) -> frozenset[str]:
+        """Tunnel devices the table needs that do not exist (after
+        tunnels.ensure: the kernel has no driver for them)."""
         wanted = direct.tunnels(table.services)
-        tunnels.ensure(wanted)
-        self.nft.run(build.full(table, generation).text())
+        return frozenset(set(wanted) - tunnels.existing()) if wanted else frozenset()
+
+    def _carry(self, table: Table, absent: frozenset[str] | None = None) -> Table:
+        """The table as this kernel can carry it out.  A tunnelled real
+        server without its device (no ipip, gre or fou driver) stays in the
+        store, in listings and in ``-S`` -- ipvsadm accepted it and IPVS
+        would use it -- but is given no new connections here (weight 0, as
+        quiesced) and forwards nothing; syslog says so once."""
+        absent = self._absent(table) if absent is None else absent
+        if not absent:
+            return table
+        services = []
+        for svc in table.services:
+            dests = tuple(replace(d, weight=0, last_weight=d.last_weight)
+                          if d.fwd is Forward.TUNNEL and direct.tunnel_device(d) in absent else d
+                          for d in svc.dests)
+            services.append(svc if dests == svc.dests else replace(svc, dests=dests))
+        self._warn_absent(absent)
+        return Table(services, table.timeouts, table.daemons, table.snat)
+
+    def _warn_absent(self, absent: frozenset[str]) -> None:
+        if not self.store.first_uses({"no-tunnel-driver"}):
+            return
+        import syslog
+
+        syslog.openlog("ipvs2nft", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING, "this kernel cannot make tunnel devices (no ipip/gre/fou driver): "
+                      "tunnelled real servers (-i) are kept but get no connections")
 
     # ------------------------------------------------------------ checking
     def generation(self) -> int | None:
@@ -208,7 +250,7 @@ class NftBackend(Backend):
         """Compare our tables with the same script loaded in a scratch
         namespace (both listed by the same nft); any difference -- a rule
         added, an element changed, a chain flushed -- means rebuild."""
-        expected = build.full(snapshot.table, snapshot.generation).text()
+        expected = self.expected_script(snapshot.table, snapshot.generation)
         # The scratch namespace loads and lists while we list the kernel's
         # tables: at 10,000 services each side takes about a second.
         import subprocess

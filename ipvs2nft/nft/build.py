@@ -379,7 +379,7 @@ def _delete_elements(script: Script, elements: dict[str, list[str]]) -> None:
 
 
 def add_service(script: Script, svc: Service, elements: dict | None = None, snat: str = "",
-                timeouts: Timeouts | None = None) -> None:
+                timeouts: Timeouts | None = None, absent: frozenset[str] = frozenset()) -> None:
     """Everything a service needs, into an existing table.  With
     ``elements`` the map elements are collected there instead of written."""
     own = elements is None
@@ -398,17 +398,18 @@ def add_service(script: Script, svc: Service, elements: dict | None = None, snat
     elements.setdefault(name, []).append(f"{key} : goto {svc_chain(svc)}")
     if direct.is_direct(svc):
         direct.add_service(script, svc, slots, _scheduler_rule(svc, slots) if slots.table else "",
-                           slot_base(svc), timeouts, elements)
+                           slot_base(svc), timeouts, elements, absent)
     if own:
         _add_elements(script, elements)
 
 
 def full(table: Table, generation: int, replace_existing: bool = True,
-         hooks: tuple[str, ...] = HOOKS) -> Script:
+         hooks: tuple[str, ...] = HOOKS, absent: frozenset[str] = frozenset()) -> Script:
     """The whole table in one script.  With ``replace_existing`` it first
     removes our own table (``add`` then ``delete``, so it cannot fail when
     the table is absent); nothing outside it is named.  Elements go in one
-    command per map, after the chains they refer to."""
+    command per map, after the chains they refer to.  ``absent``: tunnel
+    devices this kernel cannot make (their real servers forward nothing)."""
     script = Script()
     if replace_existing:
         for t in (TABLE, direct.table("4"), direct.table("6")):
@@ -417,7 +418,7 @@ def full(table: Table, generation: int, replace_existing: bool = True,
     skeleton(script, table.timeouts, generation, table.snat, hooks)
     elements: dict = {}
     for svc in table.services:
-        add_service(script, svc, elements, table.snat, table.timeouts)
+        add_service(script, svc, elements, table.snat, table.timeouts, absent)
     _add_elements(script, elements)
     return script
 
@@ -457,7 +458,8 @@ def change_service(script: Script, old: Service, new: Service, snat: str = "",
             script.add(f"delete chain {TABLE} {rs_chain(d)}")
 
 
-def incremental(old: Table, new: Table, old_generation: int, generation: int) -> Script | None:
+def incremental(old: Table, new: Table, old_generation: int, generation: int,
+                absent: frozenset[str] = frozenset()) -> Script | None:
     """A transaction taking the kernel from table ``old`` to table ``new``.
 
     The tables may hold only the services one command touched; services in
@@ -483,7 +485,7 @@ def incremental(old: Table, new: Table, old_generation: int, generation: int) ->
             remove_service(script, before)  # direct services are rebuilt whole
             before = None
         if before is None:
-            add_service(script, svc, snat=new.snat, timeouts=new.timeouts)
+            add_service(script, svc, snat=new.snat, timeouts=new.timeouts, absent=absent)
         elif before != svc:
             change_service(script, before, svc, new.snat, new.timeouts)
     return script

@@ -139,7 +139,7 @@ def service_rules(svc: Service, slots: sched.Slots, scheduler_rule: str) -> list
     return rules
 
 
-def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts) -> list[str]:
+def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts, absent: frozenset[str] = frozenset()) -> list[str]:
     """Rules of ``drs_<rid>``: remember the flow, then forward."""
     fam = _fam(svc)
     key = f"{_flow_key(svc, fam)} . {dest.rid:#010x}"
@@ -159,6 +159,8 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts) -> list[str]:
     if dest.fwd is Forward.MASQ:
         # handed on to inet ipvs2nft, which DNATs from this key
         rules.append(f"counter meta priority set {rid_key(dest)} accept")
+    elif dest.fwd is Forward.TUNNEL and tunnel_device(dest) in absent:
+        rules.append("counter drop")  # no device on this kernel; the server is not scheduled
     elif dest.fwd is Forward.TUNNEL:
         rules.append(f"counter dup to {_tunnel_nexthop(svc, dest)} device \"{tunnel_device(dest)}\" drop")
     else:
@@ -181,11 +183,11 @@ def slot_elements(svc: Service, slots: sched.Slots, base: int) -> list[str]:
 
 
 def add_service(script, svc: Service, slots: sched.Slots, scheduler_rule: str, base: int,
-                timeouts: Timeouts, elements: dict) -> None:
+                timeouts: Timeouts, elements: dict, absent: frozenset[str] = frozenset()) -> None:
     t = table(_fam(svc))
     for d in svc.dests:
         script.add(f"add chain {t} {rs_chain(d)}")
-        for rule in rs_rules(svc, d, timeouts):
+        for rule in rs_rules(svc, d, timeouts, absent):
             script.add(f"add rule {t} {rs_chain(d)} {rule}")
     script.add(f"add chain {t} {chain(svc)}")
     for rule in service_rules(svc, slots, scheduler_rule):

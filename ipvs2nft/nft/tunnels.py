@@ -60,8 +60,16 @@ def existing() -> set[str]:
     return {n for n in names if n.startswith(PREFIX)}
 
 
+# What iproute2 says when the kernel has no driver for the link type.
+UNSUPPORTED = ("Unknown device type", "Operation not supported", "not supported")
+
+
 def ensure(wanted: dict[str, Dest]) -> list[str]:
-    """Create the missing devices; returns the names created (to undo)."""
+    """Create the missing devices; returns the names created (to undo).
+
+    A device this kernel cannot make at all (no ipip, gre or fou driver) is
+    left out: ``present`` tells the back end, which then keeps that real
+    server out of scheduling.  Any other failure raises."""
     have = existing() if wanted else set()
     created = []
     for name, dest in wanted.items():
@@ -71,10 +79,12 @@ def ensure(wanted: dict[str, Dest]) -> list[str]:
         if p.returncode == 0:
             p = _ip(["link", "set", name, "up"])
         if p.returncode != 0:
-            remove(created)
             reason = (p.stderr.strip().splitlines() or ["failed"])[-1]
+            if any(text in reason for text in UNSUPPORTED):
+                continue
+            remove(created)
             raise BackendError(f"ipvs2nft: cannot create the tunnel device {name} for {dest.addr} "
-                               f"({reason}); this kernel may lack ipip/gre/fou support")
+                               f"({reason})")
         created.append(name)
     return created
 
