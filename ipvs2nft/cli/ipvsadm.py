@@ -351,7 +351,15 @@ def _init_failure(exc: OSError) -> UsageError:
     return UsageError(INIT_FAILURE.format(reason=reason))
 
 
+# Sessions kept alive until os._exit when run as a console script (see
+# _exit_now): freeing libnftables' cache of a 10,000-service table costs more
+# than the process's exit does.
+_KEEP: list[Session] | None = None
+
+
 def _finish(session: Session | None, status: int) -> int:
+    if _KEEP is not None and session is not None:
+        _KEEP.append(session)
     if session is not None and session.out:
         try:
             sys.stdout.write("".join(session.out))
@@ -451,6 +459,8 @@ def _exit_now(entry: Callable[[], int]) -> Callable[[], None]:
     a process's memory in one go.  Only the console scripts do this; the
     functions themselves return normally (tests call them in-process)."""
     def run() -> None:
+        global _KEEP
+        _KEEP = []
         status = entry()
         try:
             sys.stdout.flush()
