@@ -10,7 +10,6 @@ characters, real-server names at 28).
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,17 +50,20 @@ class DestConns:
     persistent: int = 0
 
 
+_NO_STATS, _NO_CONNS = Stats(), DestConns()  # frozen: one of each serves every row
+
+
 class Counters:
     """What the data plane counted; all zero here.  Back ends subclass it."""
 
     def service(self, svc: Service) -> Stats:
-        return Stats()
+        return _NO_STATS
 
     def dest(self, svc: Service, dest: Dest) -> Stats:
-        return Stats()
+        return _NO_STATS
 
     def conns(self, svc: Service, dest: Dest) -> DestConns:
-        return DestConns()
+        return _NO_CONNS
 
 
 ZERO = Counters()
@@ -75,7 +77,6 @@ def _s32(value: int) -> int:
     return value - 0x100000000 if value & 0x80000000 else value
 
 
-@functools.lru_cache(maxsize=65536)
 def _words(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> tuple[int, int, int, int]:
     """The address as libipvs holds it: union nf_inet_addr, four host-order words."""
     if addr is None:

@@ -199,12 +199,22 @@ def atoi(text: str) -> int:
     return value - 2**32 if value >= 2**31 else value
 
 
-@functools.lru_cache(maxsize=65536)
+_NTOP4: dict[int, str] = {}
+
+
 def ntop(addr: IPAddress) -> str:
     """``inet_ntop`` text of an address (glibc's rules for IPv6 compression).
-    Cached: a listing of 10,000 services prints the same real servers often."""
-    if addr.version == 4:
-        return str(addr)
+    IPv4 text is cached by the address's number: a listing of 10,000 services
+    prints the same real servers often, and an int hashes far faster than an
+    ``ipaddress`` object does."""
+    if type(addr) is ipaddress.IPv4Address:
+        number = int(addr)
+        text = _NTOP4.get(number)
+        if text is None:
+            text = str(addr)
+            if len(_NTOP4) < 65536:
+                _NTOP4[number] = text
+        return text
     return socket.inet_ntop(socket.AF_INET6, addr.packed)
 
 
@@ -229,7 +239,6 @@ def port_to_service(port: int, protocol: int) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=65536)
 def addrport(addr: IPAddress, port: int, protocol: int, numeric: bool) -> str:
     """ipvsadm's ``addrport_to_anyname``: ``a.b.c.d:port`` or ``[v6]:port``.
 
