@@ -26,7 +26,6 @@ give:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -358,6 +357,8 @@ def _sh_table(dests: tuple[Dest, ...], fallback: bool) -> tuple[Dest | None, ...
 
 
 def _mh_hash(dest: Dest, salt: bytes) -> int:
+    import hashlib  # only mh needs it; most commands never do
+
     digest = hashlib.blake2b(dest.addr.packed + dest.port.to_bytes(2, "big"), digest_size=8,
                              key=salt).digest()
     return int.from_bytes(digest, "big")

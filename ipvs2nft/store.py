@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import ipaddress
 import json
 import math
@@ -33,6 +32,7 @@ import socket
 import stat
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,8 +182,18 @@ class Snapshot:
 
 def _digest(body: bytes) -> str:
     """Checksum of the service lines: a one-service command decodes only its
-    own line, and this is how it still notices a file damaged elsewhere."""
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
+    own line, and this is how it still notices a file damaged elsewhere.
+    CRC-32: made for catching damage, and five times faster than blake2b on
+    the 3 MB of 10,000 services (the file is root's, not a trust boundary)."""
+    return f"crc32:{zlib.crc32(body):08x}"
+
+
+def _digest_matches(recorded: object, body: bytes) -> bool:
+    if isinstance(recorded, str) and not recorded.startswith("crc32:"):
+        import hashlib  # a file from before the CRC (blake2b, 32 hex digits)
+
+        return recorded == hashlib.blake2b(body, digest_size=16).hexdigest()
+    return recorded == _digest(body)
 
 
 def _header(generation: int, next_rid: int, table: Table, body: bytes) -> bytes:
@@ -217,7 +227,7 @@ def _split_header(raw: bytes, path: str) -> tuple[dict, int]:
         value = head.get(name)
         if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
             raise _corrupt(path, f"bad {name}")
-    if head.get("digest") != _digest(raw[end + 1:]):
+    if not _digest_matches(head.get("digest"), raw[end + 1:]):
         raise _corrupt(path, "checksum mismatch")
     return head, end + 1
 
