@@ -32,3 +32,4 @@ def test_warning_once_per_scheduler(tmp_path, monkeypatch):
     cli._warn_approximated(store, table)
     assert len(logged) == 1
     assert logged[0][0] == syslog.LOG_WARNING and "scheduler wlc runs as wrr" in logged[0][1]
+
