@@ -33,7 +33,7 @@ import stat
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -232,8 +232,13 @@ def _split_header(raw: bytes, path: str) -> tuple[dict, int]:
     return head, end + 1
 
 
-def _corrupt(path: str, why: str) -> StoreError:
-    return StoreError(f"ipvs2nft: the state file {path} is unusable ({why}); "
+class UnusableStateFile(StoreError):
+    """The state file is there but damaged: ``-C`` and ipvsadm-restore may
+    set it aside and start afresh; every other command reports it."""
+
+
+def _corrupt(path: str, why: str) -> UnusableStateFile:
+    return UnusableStateFile(f"ipvs2nft: the state file {path} is unusable ({why}); "
                       f"'ipvsadm -C' or ipvsadm-restore starts a new one")
 
 
@@ -297,17 +302,9 @@ class Store:
     def read(self, fresh_if_unusable: bool = False) -> Snapshot:
         """Everything, decoded: for listings, -R and full syncs.
 
-        ``fresh_if_unusable``: a corrupt state file is set aside (renamed
-        ``*.corrupt``) and an empty table returned -- what ``ipvsadm -C`` and
-        ipvsadm-restore do, as the corruption message tells the user."""
+        ``fresh_if_unusable``: see ``_or_fresh``."""
         if fresh_if_unusable:
-            try:
-                return self.read()
-            except StoreError as exc:
-                if "unusable" not in exc.message:
-                    raise
-                self._set_aside()
-                return Snapshot(Table())
+            return self._or_fresh(self.read, Snapshot(Table()))
         raw = self._raw()
         if raw is None:
             return Snapshot(Table())
@@ -325,18 +322,24 @@ class Store:
         ipvsadm-restore, which replaces every service and so has no use for
         decoding (and verifying) ten thousand lines it throws away.  The
         digest is still checked, so a corrupt file is caught as by ``read``."""
-        try:
-            raw = self._raw()
-            if raw is None:
-                return Snapshot(Table(), header_only=True)
-            head, _ = self._split(raw)
-            return Snapshot(_table_from(head, [], self.path), head["generation"], head["next_rid"],
-                            header_only=True)
-        except StoreError as exc:
-            if not fresh_if_unusable or "unusable" not in exc.message:
-                raise
-            self._set_aside()
+        if fresh_if_unusable:
+            return self._or_fresh(self.read_header, Snapshot(Table(), header_only=True))
+        raw = self._raw()
+        if raw is None:
             return Snapshot(Table(), header_only=True)
+        head, _ = self._split(raw)
+        return Snapshot(_table_from(head, [], self.path), head["generation"], head["next_rid"],
+                        header_only=True)
+
+    def _or_fresh(self, read: Callable[[], Snapshot], empty: Snapshot) -> Snapshot:
+        """``read()``, or ``empty`` with an unusable file set aside (renamed
+        ``*.corrupt``): how ``-C`` and ipvsadm-restore start a new table, as
+        the corruption message tells the user they do."""
+        try:
+            return read()
+        except UnusableStateFile:
+            self._set_aside()
+            return empty
 
     def read_services(self, keys: Iterable[ServiceKey]) -> Snapshot:
         """Only the given services (and the header): what one-service commands need."""
