@@ -190,21 +190,15 @@ class Session:
 
 
 def _warn_approximated(store, table: Table) -> None:
-    """Once per scheduler and state directory, to syslog: lc, wlc (ipvsadm's
-    default), sed, nq, ovf, lblc and lblcr run as the scheduler they are
-    approximated by.  Not on stderr, which scripts compare with ipvsadm's."""
+    """Once per scheduler and state directory (notice.once): lc, wlc
+    (ipvsadm's default), sed, nq, ovf, lblc and lblcr run as the scheduler
+    they are approximated by."""
+    from ipvs2nft import notice
     from ipvs2nft.sched import APPROXIMATED
 
-    used = {s.scheduler for s in table.services if s.scheduler in APPROXIMATED}
-    if not used:
-        return
-    import syslog
-
-    for name in sorted(store.first_uses(used)):
-        syslog.openlog("ipvs2nft", 0, syslog.LOG_DAEMON)
-        syslog.syslog(syslog.LOG_WARNING,
-                      f"scheduler {name} runs as {APPROXIMATED[name]}: it needs live connection counts, "
-                      "which ipvs2nft does not have yet (see compat-matrix.md)")
+    for name in sorted({s.scheduler for s in table.services if s.scheduler in APPROXIMATED}):
+        notice.once(store, name, f"scheduler {name} runs as {APPROXIMATED[name]}: it needs live "
+                    "connection counts, which ipvs2nft does not have yet (see compat-matrix.md)")
 
 
 def _list(cmd: Command, session: Session) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import replace
 
-from ipvs2nft import sched
+from ipvs2nft import notice, sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
@@ -211,17 +211,9 @@ class NftBackend(Backend):
                           if d.fwd is Forward.TUNNEL and direct.tunnel_device(d) in absent else d
                           for d in svc.dests)
             services.append(svc if dests == svc.dests else replace(svc, dests=dests))
-        self._warn_absent(absent)
+        notice.once(self.store, "no-tunnel-driver", "this kernel cannot make tunnel devices (no ipip/gre/fou "
+                    "driver): tunnelled real servers (-i) are kept but get no connections")
         return Table(services, table.timeouts, table.daemons, table.snat)
-
-    def _warn_absent(self, absent: frozenset[str]) -> None:
-        if not self.store.first_uses({"no-tunnel-driver"}):
-            return
-        import syslog
-
-        syslog.openlog("ipvs2nft", 0, syslog.LOG_DAEMON)
-        syslog.syslog(syslog.LOG_WARNING, "this kernel cannot make tunnel devices (no ipip/gre/fou driver): "
-                      "tunnelled real servers (-i) are kept but get no connections")
 
     # ------------------------------------------------------------ checking
     def generation(self) -> int | None:
