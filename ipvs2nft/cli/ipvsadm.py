@@ -254,10 +254,15 @@ def execute(cmd: Command, session: Session) -> None:
         session.mutate(*change)
 
 
-def _help(argv0: str) -> str:
-    from ipvs2nft.ipvsadm.help import usage
+def _help_or_version(cmd: Command, argv0: str) -> str | None:
+    """What ``-h`` or ``-v`` prints (they need no table), else None."""
+    if cmd.name == "help":
+        from ipvs2nft.ipvsadm.help import usage
 
-    return usage(argv0)
+        return usage(argv0)
+    if cmd.name == "version":
+        return VERSION_LINE + "\n"
+    return None
 
 
 def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
@@ -268,11 +273,9 @@ def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
 
 def run_command(cmd: Command, argv0: str, session: Session, stdin) -> int:
     """A parsed invocation (see run_line)."""
-    if cmd.name == "help":
-        session.out.append(_help(argv0))
-        raise Exit(0)
-    if cmd.name == "version":
-        session.out.append(VERSION_LINE + "\n")
+    text = _help_or_version(cmd, argv0)
+    if text is not None:
+        session.out.append(text)
         raise Exit(0)
     if cmd.name == "restore":
         if session.batch:
@@ -324,7 +327,14 @@ def _argv0() -> str:
 
 
 def open_session() -> Session:
-    """A session on the configured store and back end."""
+    """A session on the configured store and back end, for a caller with
+    the privilege the back end needs (PermissionError otherwise)."""
+    _require_privilege()
+    return _session()
+
+
+def _session() -> Session:
+    """open_session() for a caller that has already checked the privilege."""
     from ipvs2nft.backend import open_backend
     from ipvs2nft.store import Store
 
@@ -374,15 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             from ipvs2nft import listing
 
-            session = open_session()
+            session = _session()
             session.check(reader=True)
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
         cmd = cmdline.parse(argv, argv0)
-        if cmd.name in ("help", "version"):
-            sys.stdout.write(_help(argv0) if cmd.name == "help" else VERSION_LINE + "\n")
+        text = _help_or_version(cmd, argv0)
+        if text is not None:
+            sys.stdout.write(text)
             return 0
-        session = open_session()
+        session = _session()
         stdin = sys.stdin.buffer if sys.stdin else None
         status = run_command(cmd, argv0, session, stdin)
         return _finish(session, status)
@@ -427,7 +438,6 @@ def restore_main(argv: list[str] | None = None) -> int:
     argv0 = "ipvsadm"
     session = None
     try:
-        _require_privilege()
         session = open_session()
         status = _restore(argv0, session, text, flush_first=True)
         return _finish(session, status)
@@ -465,9 +475,9 @@ def _exit_now(entry: Callable[[], int]) -> Callable[[], None]:
     return run
 
 
-run = _exit_now(lambda: main())
-run_save = _exit_now(lambda: save_main())
-run_restore = _exit_now(lambda: restore_main())
+run = _exit_now(main)
+run_save = _exit_now(save_main)
+run_restore = _exit_now(restore_main)
 
 
 if __name__ == "__main__":

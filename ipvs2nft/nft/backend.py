@@ -11,7 +11,6 @@ store), the table is rebuilt from the store in one transaction instead.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import sys
@@ -22,7 +21,6 @@ from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
 from ipvs2nft.nft import build, direct, genid, scratch, tunnels
-from ipvs2nft.privilege import may_administer_network
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
@@ -85,8 +83,6 @@ class NftBackend(Backend):
     checks = True
 
     def __init__(self, store) -> None:
-        if not may_administer_network():
-            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
         self.store = store
         self._nft: Nft | None = None
 
@@ -276,7 +272,6 @@ class NftBackend(Backend):
 
 def _module_env() -> dict:
     """Run our own modules in the child whatever the caller's sys.path."""
-    import os
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parent.parent.parent)
