@@ -126,4 +126,3 @@ def _backup_socket(s: socket.socket, af: int, ifname: str, index: int, group: st
         s.bind((group, port, 0, index))
         mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("I", index)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
-

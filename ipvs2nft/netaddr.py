@@ -116,9 +116,25 @@ _CANONICAL_V4 = re.compile(
     rf"|6[0-4][0-9]{{3}}|[1-5][0-9]{{4}}|[1-9][0-9]{{0,3}}|0)")
 
 
-@functools.lru_cache(maxsize=4096)
-def _v4(text: str) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(text)
+_ADDRESS_CACHE: dict[str, IPAddress] = {}
+
+
+def address(text: str) -> IPAddress:
+    """An address in its canonical text (as ``str()`` writes it), parsed by
+    inet_pton (C) rather than ipaddress's Python parser, and cached: the
+    same real servers appear in many services.  ValueError if it is none."""
+    addr = _ADDRESS_CACHE.get(text)
+    if addr is None:
+        try:
+            if ":" in text:
+                addr = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, text))
+            else:
+                addr = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+        except (OSError, TypeError) as exc:
+            raise ValueError(f"bad address {text!r}") from exc
+        if len(_ADDRESS_CACHE) < 65536:
+            _ADDRESS_CACHE[text] = addr
+    return addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +155,7 @@ def parse_service(buf: str, protocol: int) -> ParsedAddr | None:
     """
     if _CANONICAL_V4.fullmatch(buf):  # the common "a.b.c.d:port": what the rules below give it
         host, _, port_text = buf.rpartition(":")
-        return ParsedAddr(AF_INET, _v4(host), int(port_text))
+        return ParsedAddr(AF_INET, address(host), int(port_text))
     if _c_all_digits(buf):
         return None
     port_text: str | None = None

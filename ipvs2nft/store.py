@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import json
 import math
 import os
 import re
-import socket
 import stat
 import tempfile
 import time
@@ -50,7 +48,7 @@ from ipvs2nft.model import (
     Timeouts,
     TunType,
 )
-from ipvs2nft.netaddr import PROTO_NAMES
+from ipvs2nft.netaddr import PROTO_NAMES, address
 
 SCHEMA = "ipvs2nft-state/1"
 DEFAULT_PATH = "/run/ipvs2nft/state.json"
@@ -97,7 +95,7 @@ def _sched_row(st: SchedState) -> list:
 def _sched_of(r: list) -> SchedState:
     if type(r) is not list or len(r) != 4 or any(type(v) is not int for v in r[1:]):
         raise TypeError("bad scheduler state")
-    cl = None if r[0] is None else (r[0][0], _ip(r[0][1]), r[0][2])
+    cl = None if r[0] is None else (r[0][0], address(r[0][1]), r[0][2])
     return SchedState(cl, r[1], r[2], r[3])
 
 
@@ -105,28 +103,6 @@ def _service_row(s: Service) -> list:
     return [key_text(s.key), s.sid, s.af, s.protocol, None if s.addr is None else str(s.addr),
             s.port, s.fwmark, s.scheduler, s.flags, s.timeout, s.netmask, s.pe_name,
             [_dest_row(d) for d in s.dests], _sched_row(s.sched)]
-
-
-_V4, _V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
-_ADDR_CACHE: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An address from the file: inet_pton (C) rather than ipaddress's Python
-    parser, and cached (real servers repeat across services): reading 10,000
-    services x 4 spent most of its time here."""
-    addr = _ADDR_CACHE.get(text)
-    if addr is None:
-        try:
-            if ":" in text:
-                addr = _V6(socket.inet_pton(socket.AF_INET6, text))
-            else:
-                addr = _V4(socket.inet_pton(socket.AF_INET, text))
-        except (OSError, TypeError) as exc:
-            raise ValueError(f"bad address {text!r}") from exc
-        if len(_ADDR_CACHE) < 65536:
-            _ADDR_CACHE[text] = addr
-    return addr
 
 
 # Field types of a service row and a real-server row, checked when decoding:
@@ -150,13 +126,13 @@ _TUN_TYPE_OF = {t.value: t for t in TunType}
 
 def _dest_of(r: list) -> Dest:
     _check(r, _DEST_TYPES)
-    return Dest(_ip(r[0]), r[1], _FORWARD_OF[r[2]], r[3], r[4], r[5], _TUN_TYPE_OF[r[6]], r[7], r[8], r[9],
-                r[10])
+    return Dest(address(r[0]), r[1], _FORWARD_OF[r[2]], r[3], r[4], r[5], _TUN_TYPE_OF[r[6]], r[7], r[8],
+                r[9], r[10])
 
 
 def _service_of(r: list) -> Service:
     _check(r, _SERVICE_TYPES)
-    return Service(r[2], r[3], None if r[4] is None else _ip(r[4]), r[5], r[6], r[7], r[8], r[9],
+    return Service(r[2], r[3], None if r[4] is None else address(r[4]), r[5], r[6], r[7], r[8], r[9],
                    r[10], r[11], tuple(_dest_of(d) for d in r[12]), r[1], _sched_of(r[13]))
 
 

@@ -212,10 +212,10 @@ class _RuleParser:
         return w
 
     def _optional_number(self) -> int | None:
-        if self.i < len(self.words) and decimal(self.words[self.i]) is not None:
+        number = decimal(self.words[self.i]) if self.i < len(self.words) else None
+        if number is not None:
             self.i += 1
-            return decimal(self.words[self.i - 1])
-        return None
+        return number
 
     def parse(self) -> Command:
         neg = False

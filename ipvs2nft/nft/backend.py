@@ -238,16 +238,15 @@ class NftBackend(Backend):
         """Compare our tables with the same script loaded in a scratch
         namespace (both listed by the same nft); any difference -- a rule
         added, an element changed, a chain flushed -- means rebuild."""
+        import subprocess
+        import threading
+
         expected = self.expected_script(snapshot.table, snapshot.generation)
         # The scratch namespace loads and lists while we list the kernel's
         # tables: at 10,000 services each side takes about a second.
-        import subprocess
-
         child = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, env=_module_env())
-        import threading
-
         chunks: list[str] = []
         reader = threading.Thread(target=lambda: chunks.append(child.stdout.read()), daemon=True)
         try:
