@@ -20,7 +20,7 @@ from ipvs2nft import notice, sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
-from ipvs2nft.nft import build, direct, genid, scratch, tunnels
+from ipvs2nft.nft import build, direct, nfnetlink, scratch, tunnels
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
@@ -114,13 +114,13 @@ class NftBackend(Backend):
         else:
             where = build.TABLE.split() + [build.svc_chain(svc)]
         try:
-            found = genid.rules(*where)
+            found = nfnetlink.rules(*where)
         except OSError:
             return 0
         for exprs in found:
             names = [name for name, _ in exprs]
             if "numgen" in names and "counter" in names:
-                return genid.counter_packets(exprs[names.index("counter")][1])
+                return nfnetlink.counter_packets(exprs[names.index("counter")][1])
         return 0
 
     # ------------------------------------------------------------ applying
@@ -232,7 +232,7 @@ class NftBackend(Backend):
         return listing
 
     def ruleset_genid(self) -> int | None:
-        return genid.ruleset_genid()
+        return nfnetlink.ruleset_genid()
 
     def verify(self, snapshot) -> bool:
         """Compare our tables with the same script loaded in a scratch
