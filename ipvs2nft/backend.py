@@ -48,7 +48,8 @@ class Backend:
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our kernel tables by ``table`` in one transaction."""
 
-    def counters(self) -> Counters:
+    def counters(self, table: Table) -> Counters:
+        """What the data plane counted for the services of ``table``."""
         from ipvs2nft.listing import Counters
 
         return Counters()

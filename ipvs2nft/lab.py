@@ -221,6 +221,55 @@ class Lab:
     def nft(self, *args: str) -> str:
         return self.ns(self.director, "nft", *args).stdout
 
+    def daemon(self, *args: str, timeout: float = 20.0) -> LabDaemon:
+        """``ipvs2nft daemon`` in the director, started as systemd would
+        (NOTIFY_SOCKET); returns once it said READY=1."""
+        import socket
+        import tempfile
+
+        where = Path(tempfile.mkdtemp(prefix="i2n-notify-"))
+        path = str(where / "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        listener.bind(path)
+        listener.settimeout(timeout)
+        env = self.env()
+        env["NOTIFY_SOCKET"] = path
+        exe = str(Path(sys.executable).parent / "ipvs2nft")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.director, exe, "daemon", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        messages = []
+        try:
+            while not any(m.startswith("READY=1") for m in messages):
+                messages.append(listener.recv(4096).decode())
+        except OSError:
+            proc.kill()
+            _, err = proc.communicate(timeout=5)
+            raise RuntimeError(f"the daemon did not get ready: {err.strip()}") from None
+        finally:
+            listener.close()
+            for leftover in where.iterdir():
+                leftover.unlink()
+            where.rmdir()
+        return LabDaemon(proc, messages)
+
+
+@dataclass
+class LabDaemon:
+    proc: subprocess.Popen
+    notices: list[str]
+
+    def stop(self, timeout: float = 5.0) -> float:
+        """SIGTERM; returns how long it took to exit."""
+        started = time.monotonic()
+        self.proc.terminate()
+        self.proc.wait(timeout=timeout)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+
 
 @dataclass
 class LabSession:

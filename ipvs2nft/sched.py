@@ -20,8 +20,9 @@ give:
   (offset/skip per server, turns from last_weight/gcd), so removing one of N
   servers moves only about 1/N of the slots.
 * ``fo``: the available server with the highest weight.
-* lc, wlc, sed, nq, ovf, lblc, lblcr need live connection counts; without
-  them they are approximated (see ``APPROXIMATED``).
+* lc, wlc, sed, nq, ovf, lblc, lblcr (and any scheduler once thresholds
+  are set) decide from live connection counts: ``dynsched`` computes their
+  choices, the data plane walks them through the ``dyn`` map.
 """
 
 from __future__ import annotations
@@ -37,17 +38,6 @@ MH_TAB_SIZE = 4093  # primes[CONFIG_IP_VS_MH_TAB_INDEX(12) - 8]
 MH_TAB_BITS = 6  # CONFIG_IP_VS_MH_TAB_INDEX / 2
 MAX_SLOTS = 8192  # longer rr/wrr periods are scaled down (and warned about)
 
-# Schedulers whose choice depends on live connection counts.
-APPROXIMATED = {
-    "lc": "wrr",  # least-connection: sequential connections spread like rr/wrr
-    "wlc": "wrr",
-    "sed": "wrr",
-    "nq": "wrr",
-    "ovf": "fo",  # overflow: the highest weight until it is full
-    "lblc": "dh",  # locality: one server per destination address
-    "lblcr": "dh",
-}
-
 Key = tuple  # a real server's identity within its service: Dest.key
 
 
@@ -57,7 +47,7 @@ def available(dest: Dest) -> bool:
 
 
 def _kind(svc: Service) -> str:
-    return APPROXIMATED.get(svc.scheduler, svc.scheduler)
+    return svc.scheduler
 
 
 # ------------------------------------------------------------------ callbacks
@@ -255,6 +245,11 @@ class Slots:
     exact: bool = True
     note: str = ""
     random: bool = False  # numgen random instead of numgen inc (no IPVS scheduler does this)
+    # A service whose choice follows live counts (dynsched.managed): ``table``
+    # is every real server in list order (slot i = server i, fixed), and
+    # ``dyn`` the predicted next choices as indices into it (-1: none), which
+    # ``numgen inc`` walks through the ``dyn`` map.
+    dyn: tuple[int, ...] = ()
 
 
 # Slot builders for schedulers that are not IPVS's, registered by other
@@ -273,8 +268,7 @@ def slots(svc: Service, st: SchedState) -> Slots:
     if svc.scheduler in EXTRA:
         return EXTRA[svc.scheduler](svc)
     kind = _kind(svc)
-    exact = svc.scheduler not in APPROXIMATED
-    note = "" if exact else f"{svc.scheduler} needs live connection counts; scheduled like {kind}"
+    exact, note = True, ""
     if svc.scheduler == "none" or not svc.dests:
         return Slots((), exact=exact, note=note)
     if kind in ("rr", "wrr"):

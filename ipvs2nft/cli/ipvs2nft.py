@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "addresses, one per family.  ipvsadm has no such option.")
     sn.add_argument("mode", nargs="?", metavar="off|masquerade|ADDRESS[,ADDRESS6]",
                     help="the new setting; without it, print the current one")
+    dm = sub.add_parser("daemon", help="live connection counts, dynamic schedulers, statistics",
+                        description="Run in the foreground (one per network namespace, systemd "
+                                    "Type=notify): follow the table ipvsadm keeps and the connections "
+                                    "conntrack reports, so that lc, wlc, sed, nq, ovf, lblc, lblcr and "
+                                    "the -x/-y thresholds choose what IPVS would choose, and keep IPVS's "
+                                    "rate estimator for ipvsadm -L --stats/--rate.  SIGTERM stops it; "
+                                    "the ruleset keeps forwarding with the last choices.")
+    dm.add_argument("--resync", type=float, default=10.0, metavar="SECONDS",
+                    help="full conntrack dump every SECONDS (events are only hints; default 10)")
     return ap
 
 
@@ -171,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_translate(args)
         if args.command == "snat":
             return cmd_snat(args)
+        if args.command == "daemon":
+            from ipvs2nft.daemon.main import main as daemon_main
+
+            return daemon_main(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users

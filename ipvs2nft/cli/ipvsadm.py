@@ -127,6 +127,10 @@ class Session:
         faults.point("after-store")
         self.store.record_genid(self.backend.ruleset_genid())
         if self.backend.checks:
+            from ipvs2nft.daemon import control
+
+            control.tell("changed")  # the daemon publishes its live choices for the new table now
+        if self.backend.checks:
             _warn_approximated(self.store, prepared.table)
 
     def check(self, reader: bool = False) -> None:
@@ -152,7 +156,7 @@ class Session:
         except StoreError:
             return  # an unusable state file: the command reports it (or -C starts afresh)
         if not staged and kernel_gen == head.generation and genid is not None \
-                and genid == self.store.seen_genid():
+                and (genid == self.store.seen_genid() or _daemon_watches()):
             return
         try:
             with self.store.locked(wait=0 if reader else None):
@@ -189,16 +193,30 @@ class Session:
             action()
 
 
-def _warn_approximated(store, table: Table) -> None:
-    """Once per scheduler and state directory (notice.once): lc, wlc
-    (ipvsadm's default), sed, nq, ovf, lblc and lblcr run as the scheduler
-    they are approximated by."""
-    from ipvs2nft import notice
-    from ipvs2nft.sched import APPROXIMATED
+def _daemon_watches() -> bool:
+    """A daemon runs in this namespace: its own writes move the ruleset's
+    generation id all the time, and it watches our tables for foreign
+    changes itself, so a moved id alone is no reason to verify them."""
+    from ipvs2nft.daemon import control
 
-    for name in sorted({s.scheduler for s in table.services if s.scheduler in APPROXIMATED}):
-        notice.once(store, name, f"scheduler {name} runs as {APPROXIMATED[name]}: it needs live "
-                    "connection counts, which ipvs2nft does not have yet (see compat-matrix.md)")
+    return control.running_pid() is not None
+
+
+def _warn_approximated(store, table: Table) -> None:
+    """Once per scheduler and state directory (notice.once), when no daemon
+    runs: lc, wlc (ipvsadm's default), sed, nq, ovf, lblc, lblcr and
+    thresholds follow live connection counts only while ``ipvs2nft daemon``
+    keeps them; without it the data plane keeps the choices ipvsadm wrote."""
+    from ipvs2nft import dynsched, notice
+
+    names = sorted({s.scheduler if s.scheduler in dynsched.LIVE else "thresholds"
+                    for s in table.services if dynsched.managed(s)})
+    if not names or _daemon_watches():
+        return
+    for name in names:
+        notice.once(store, name, f"{name} follows live connection counts only while `ipvs2nft daemon` "
+                    "runs; until it does, new connections follow the choices ipvsadm wrote "
+                    "(see compat-matrix.md)")
 
 
 def _list(cmd: Command, session: Session) -> None:
@@ -209,13 +227,16 @@ def _list(cmd: Command, session: Session) -> None:
         session.out.append(listing.list_conn(session.backend.connections(session.full_table()), fmt))
     elif "service-address" in cmd.options:
         svc = session.find(cmd)
-        session.out.append(listing.list_service(svc, fmt, session.backend.counters()))
+        from ipvs2nft.model import Table
+
+        session.out.append(listing.list_service(svc, fmt, session.backend.counters(Table([svc]))))
     elif "timeout" in cmd.options:
         session.out.append(listing.list_timeout(session.full_table()))
     elif "daemon" in cmd.options:
         session.out.append(listing.list_daemon(session.full_table()))
     else:
-        session.out.append(listing.list_all(session.full_table(), fmt, session.backend.counters()))
+        table = session.full_table()
+        session.out.append(listing.list_all(table, fmt, session.backend.counters(table)))
 
 
 def _zero(cmd: Command, session: Session) -> None:

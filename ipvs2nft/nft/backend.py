@@ -137,6 +137,7 @@ class NftBackend(Backend):
         except BaseException:
             tunnels.remove(created)
             raise
+        self._forget_counters(old.table, new.table)
         before = tunnels.existing() if old.header_only else set(direct.tunnels(old.table.services))
         tunnels.remove(sorted(before - set(wanted)))
 
@@ -148,8 +149,9 @@ class NftBackend(Backend):
             self.rebuild(new.table, new.generation)
             return
         absent = self._absent(new.table)
-        script = build.incremental(self._carry(old.table, absent), self._carry(new.table, absent),
-                                   old.generation, new.generation, absent)
+        carried = self._carry(new.table, absent)
+        script = build.incremental(self._carry(old.table, absent), carried,
+                                   old.generation, new.generation, absent, _live(carried))
         if script is not None:
             try:
                 self.nft.run(script.text())
@@ -157,6 +159,17 @@ class NftBackend(Backend):
             except BackendError:
                 pass  # the kernel table is not what the store says: rebuild it
         self.rebuild(self._whole(old, new), new.generation)
+
+    @staticmethod
+    def _forget_counters(old: Table, new: Table) -> None:
+        """A deleted service's statistics go with it (IPVS frees them), so a
+        later service given the same sid starts from zero."""
+        kept = {s.sid for s in new.services}
+        gone = {s.sid for s in old.services if s.sid and s.sid not in kept}
+        if gone:
+            from ipvs2nft.nft import readback
+
+            readback.zero(gone)
 
     def _whole(self, old, new) -> Table:
         """The full table after the change.  A partial snapshot holds only
@@ -177,7 +190,9 @@ class NftBackend(Backend):
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our tables as a whole (one transaction)."""
         tunnels.ensure(direct.tunnels(table.services))
-        self.nft.run(self.expected_script(table, generation))
+        absent = self._absent(table)
+        carried = self._carry(table, absent)
+        self.nft.run(build.full(carried, generation, absent=absent, live=_live(carried)).text())
 
     # ------------------------------------------------------------ what this kernel can carry
     def expected_script(self, table: Table, generation: int) -> str:
@@ -210,6 +225,30 @@ class NftBackend(Backend):
         notice.once(self.store, "no-tunnel-driver", "this kernel cannot make tunnel devices (no ipip/gre/fou "
                     "driver): tunnelled real servers (-i) are kept but get no connections")
         return Table(services, table.timeouts, table.daemons, table.snat)
+
+    # ------------------------------------------------------------ what was counted
+    def counters(self, table: Table):
+        """Connection counts from conntrack, persistence templates, and the
+        statistics: the daemon's (as of its last 2-second tick, with rates,
+        as IPVS lists them) when it runs, else the kernel's counters now."""
+        from ipvs2nft.nft import readback
+
+        return readback.measured(table, _daemon_stats())
+
+    def connections(self, table: Table) -> list:
+        from ipvs2nft.nft import readback
+
+        return readback.connection_rows(table)
+
+    def zero(self, services: list[Service]) -> None:
+        """-Z: the kernel's counters of these services restart from zero,
+        and the daemon (if it runs) zeroes its estimator for them."""
+        from ipvs2nft.daemon import control
+        from ipvs2nft.nft import readback
+
+        sids = {s.sid for s in services if s.sid}
+        readback.zero(sids)
+        control.tell("zeroed", sids=sorted(sids))
 
     # ------------------------------------------------------------ checking
     def generation(self) -> int | None:
@@ -267,6 +306,38 @@ class NftBackend(Backend):
             return scratch.normalize(json.loads(out)) == scratch.normalize(actual or {})
         except (ValueError, KeyError, TypeError):
             return False
+
+
+def _live(table: Table):
+    """The live counts of the managed services among ``table`` (lc, wlc...
+    and thresholds), from a conntrack dump, so that what ipvsadm writes is
+    IPVS's next choice even when no daemon runs; None if there are none."""
+    from ipvs2nft import dynsched
+
+    if not any(dynsched.managed(s) for s in table.services):
+        return None
+    import time
+
+    from ipvs2nft.conntable import LiveTable
+    from ipvs2nft.nft import readback
+
+    conntable = LiveTable(table)
+    try:
+        flows = readback.read_flows()
+    except Exception:  # noqa: BLE001 - no conntrack here: choose as for no connections
+        return None
+    conntable.resync(flows, time.monotonic())
+    return conntable.state
+
+
+def _daemon_stats() -> dict | None:
+    """The daemon's statistics, or None when no daemon runs here."""
+    from ipvs2nft.daemon import control
+
+    try:
+        return control.ask("stats")
+    except control.ControlError:
+        return None
 
 
 def _module_env() -> dict:

@@ -53,13 +53,14 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ipvs2nft import sched
+from ipvs2nft import dynsched, sched
 from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
 from ipvs2nft.netaddr import AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
 from ipvs2nft.nft import direct
 
 TABLE = "inet ipvs2nft"
 SLOT_BLOCK = 65536
+NO_SLOT = SLOT_BLOCK - 1  # a slot no server ever has (dyn's "none available")
 PERSIST_SIZE = 1048576
 # IPVS works at LOCAL_IN, after prerouting NAT: a VIP that another table
 # already DNATs never reaches it.  One past dstnat (-100) keeps that order;
@@ -69,6 +70,39 @@ L4 = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_SCTP: "sctp"}
 # With the SNAT option every connection this table DNATs carries this conntrack
 # label bit, and postrouting source-NATs exactly those.
 SNAT_LABEL = 127
+
+# Every connection a service of ours schedules carries the service in the
+# upper half of its conntrack mark: bit 31 says "ours" (a kernel-side dump
+# filter needs one exact value under a mask), bits 16-30 the sid.  The lower
+# half is left to whoever else marks connections (CONNMARK, multi-WAN
+# routing...): ``ct mark set ct mark & 0xffff | ours``.
+CT_MARK_MASK = 0xFFFF0000
+CT_MARK_OURS = 0x80000000
+MAX_SID = 0x7FFF  # what fits in bits 16-30
+
+# Per real server, the kernel counts IPVS's statistics itself: packets and
+# bytes per direction in ``stat4/6`` (service mark . direction . server
+# address . server port) and connections in ``conn4/6``, element counters of
+# dynamic sets that the data path updates; listings read them back.
+STAT_SIZE = 1048576
+# A managed service (live counts decide, dynsched.managed) walks its
+# predicted choices with ``numgen inc`` through ``dyn`` (numgen value ->
+# fixed slot of a server); lblc/lblcr remember destination addresses in
+# ``lbl4/6`` (address . rid).  Both are written at run time (the daemon),
+# hence "dynamic": the drift check does not compare their elements.
+LBL_SIZE = 65536
+
+
+def ct_mark(svc: Service) -> int:
+    """The conntrack mark bits of a service's connections."""
+    return CT_MARK_OURS | (svc.sid << 16)
+
+
+def sid_of_mark(mark: int) -> int | None:
+    """The sid a conntrack mark carries, or None if it is not ours."""
+    if not mark & CT_MARK_OURS:
+        return None
+    return (mark >> 16) & MAX_SID
 
 
 @dataclass
@@ -143,6 +177,13 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
         s(f"add set {TABLE} persist{fam} {{ type {addr} . mark; flags dynamic,timeout; "
           f"size {PERSIST_SIZE}; }}")
     s(f"add set {TABLE} gen {{ type mark; }}")
+    s(f"add map {TABLE} dyn {{ typeof numgen inc mod 2 : meta priority; flags dynamic; }}")
+    for fam, addr in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        s(f"add set {TABLE} lbl{fam} {{ type {addr} . mark; flags dynamic; size {LBL_SIZE}; }}")
+        s(f"add set {TABLE} stat{fam} {{ type mark . ct_dir . {addr} . inet_service; flags dynamic; "
+          f"counter; size {STAT_SIZE}; }}")
+        s(f"add set {TABLE} conn{fam} {{ type mark . {addr} . inet_service; flags dynamic; counter; "
+          f"size {STAT_SIZE}; }}")
     ct_timeouts(script, timeouts)
     s(f"add chain {TABLE} unreachable")
     s(f"add rule {TABLE} unreachable reject with icmpx type port-unreachable")
@@ -165,12 +206,47 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
     for hook in hooks:  # output: connections the director itself opens to a VIP
         s(f"add chain {TABLE} {hook} {{ type nat hook {hook} priority {NAT_PRIORITY}; policy accept; }}")
         s(f"add rule {TABLE} {hook} jump dispatch")
+    counting(script, hooks)
     direct.skeleton(script, timeouts)
     if snat:
         s(f"add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}")
         for rule in _snat_rules(snat):
             s(f"add rule {TABLE} postrouting ct label {SNAT_LABEL} {rule}")
     s(f"add element {TABLE} gen {{ {generation} }}")
+
+
+def counting(script: Script, hooks: tuple[str, ...] = HOOKS) -> None:
+    """The chains that count IPVS's statistics in the kernel.
+
+    Packets: after our nat chains (priority -50 > -99, so a connection's first
+    packet already carries its mark) on prerouting and output -- every packet
+    through the director passes exactly one of them, except that a packet
+    looped back over ``lo`` would be seen twice, so prerouting skips
+    loopback.  The server is the destination of an original-direction
+    packet after DNAT and the source of a reply (un-NATed only at
+    postrouting).  Connections: once each, in nat chains on postrouting and
+    input, which the kernel runs for a connection's first packet only
+    (nf_nat_inet_fn) and which see the server as the destination.
+    """
+    s = script.add
+    ours = f"ct mark & {CT_MARK_OURS:#x} == {CT_MARK_OURS:#x}"
+    key = f"ct mark & {CT_MARK_MASK:#x}"
+    for hook in hooks:
+        chain = f"count_{hook}"
+        s(f"add chain {TABLE} {chain} {{ type filter hook {hook} priority -50; policy accept; }}")
+        skip = "meta iiftype != loopback " if hook == "prerouting" else ""
+        for fam, ip in (("4", "ip"), ("6", "ip6")):
+            nf = f"meta nfproto ipv{fam[0]}"
+            s(f"add rule {TABLE} {chain} {skip}{ours} {nf} ct direction original "
+              f"update @stat{fam} {{ {key} . ct direction . {ip} daddr . th dport }}")
+            s(f"add rule {TABLE} {chain} {skip}{ours} {nf} ct direction reply "
+              f"update @stat{fam} {{ {key} . ct direction . {ip} saddr . th sport }}")
+    for hook in ("postrouting", "input"):
+        chain = f"count_new_{hook}"
+        s(f"add chain {TABLE} {chain} {{ type nat hook {hook} priority 99; policy accept; }}")
+        for fam, ip in (("4", "ip"), ("6", "ip6")):
+            s(f"add rule {TABLE} {chain} {ours} meta nfproto ipv{fam[0]} ct direction original "
+              f"update @conn{fam} {{ {key} . {ip} daddr . th dport }}")
 
 
 def _snat_rules(snat: str) -> list[str]:
@@ -246,7 +322,9 @@ def _timeout_rules(svc: Service, timeouts: Timeouts | None = None) -> list[str]:
 
 def _scheduler_rule(svc: Service, slots: sched.Slots) -> str:
     n, base, ip, fam = len(slots.table), slot_base(svc), _ip(svc), _fam(svc)
-    if slots.random:
+    if slots.dyn:
+        pick = f"numgen inc mod {len(slots.dyn)} offset {base} map @dyn"
+    elif slots.random:
         pick = f"numgen random mod {n} offset {base}"
     elif slots.hash is None:
         pick = f"numgen inc mod {n} offset {base}"
@@ -265,26 +343,42 @@ def service_chain(script: Script, svc: Service, slots: sched.Slots,
     if direct.is_direct(svc):
         # scheduled before conntrack in the direct table, which left the key
         # of a masquerading server in meta priority (direct.py)
+        script.add(f"add rule {TABLE} {chain} {_mark_rule(svc)}")
         for rule in _timeout_rules(svc, timeouts):
             script.add(f"add rule {TABLE} {chain} {rule}")
         script.add(f"add rule {TABLE} {chain} goto pick{_fam(svc)}")
         return
     timeout_rules = _timeout_rules(svc, timeouts)
+    mark = _mark_rule(svc)
     # one rule per service where possible: loading 10,000 services is
     # mostly a matter of the number of rules and chains
-    fold = len(timeout_rules) == 1 and not svc.persistent and bool(slots.table)
-    for rule in ([] if fold else timeout_rules):
-        script.add(f"add rule {TABLE} {chain} {rule}")
+    locality = bool(slots.dyn) and svc.scheduler in dynsched.LOCALITY
+    fold = len(timeout_rules) <= 1 and not svc.persistent and not locality and bool(slots.table)
+    if not fold:
+        script.add(f"add rule {TABLE} {chain} {' '.join([mark, *timeout_rules[:1]])}")
+        for rule in timeout_rules[1:]:
+            script.add(f"add rule {TABLE} {chain} {rule}")
     if svc.persistent:
         key, fam = _client_key(svc), _fam(svc)
         for d in svc.dests:  # kernel list order, newest first
             script.add(f"add rule {TABLE} {chain} {key} . meta mark & 0x0 | {d.rid:#010x} "
                        f"@persist{fam} goto {rs_chain(d)}")
+    if locality:
+        ip, fam, base = _ip(svc), _fam(svc), slot_base(svc)
+        for i, d in enumerate(svc.dests):
+            script.add(f"add rule {TABLE} {chain} {ip} daddr . meta mark & 0x0 | {d.rid:#010x} "
+                       f"@lbl{fam} meta priority set {base + i} goto pick{fam}")
     if slots.table:
-        prefix = f"{timeout_rules[0]} " if fold else ""
+        prefix = " ".join([mark, *timeout_rules]) + " " if fold else ""
         script.add(f"add rule {TABLE} {chain} {prefix}{_scheduler_rule(svc, slots)}")
     else:
         script.add(f"add rule {TABLE} {chain} goto unreachable")
+
+
+def _mark_rule(svc: Service) -> str:
+    """Tag the connection as this service's (see CT_MARK_MASK)."""
+    keep = ~CT_MARK_MASK & 0xFFFFFFFF
+    return f"ct mark set ct mark & {keep:#010x} | {ct_mark(svc):#010x}"
 
 
 def _placement(svc: Service, dest: Dest) -> tuple[str, str]:
@@ -308,6 +402,8 @@ def slot_elements(svc: Service, slots: sched.Slots) -> dict[str, list[str]]:
                 name, value = _placement(svc, d)
                 out.setdefault(name, []).append(f"{direct.rid_key(d)} : {value}")
         return out
+    for i, j in enumerate(slots.dyn):  # numgen value -> fixed slot (j < 0: none, unreachable)
+        out.setdefault("dyn", []).append(f"{base + i} : {base + (j if j >= 0 else NO_SLOT)}")
     for i, d in enumerate(slots.table):
         if d is None:
             continue
@@ -351,7 +447,16 @@ def rs_chain_rules(script: Script, svc: Service, dest: Dest, snat: str = "") -> 
 
 # ---------------------------------------------------------------- whole table
 
-def service_slots(svc: Service, script: Script | None = None) -> sched.Slots:
+def service_slots(svc: Service, script: Script | None = None,
+                  live: dynsched.LiveState | None = None) -> sched.Slots:
+    """The slots of ``svc``; a managed service's prediction comes from
+    ``live`` (no connections when None)."""
+    if dynsched.managed(svc):
+        if script is not None and live is None:
+            script.warnings.append(f"{_describe(svc)}: {svc.scheduler} needs live connection counts; "
+                                   "the script holds the choices for no connections, which "
+                                   "`ipvs2nft daemon` keeps up to date once it runs")
+        return dynsched.slots(svc, live)
     slots = sched.slots(svc, svc.sched)
     if script is not None and not slots.exact and slots.note:
         script.warnings.append(f"{_describe(svc)}: {slots.note}")
@@ -379,13 +484,14 @@ def _delete_elements(script: Script, elements: dict[str, list[str]]) -> None:
 
 
 def add_service(script: Script, svc: Service, elements: dict | None = None, snat: str = "",
-                timeouts: Timeouts | None = None, absent: frozenset[str] = frozenset()) -> None:
+                timeouts: Timeouts | None = None, absent: frozenset[str] = frozenset(),
+                live: dynsched.LiveState | None = None) -> None:
     """Everything a service needs, into an existing table.  With
     ``elements`` the map elements are collected there instead of written."""
     own = elements is None
     elements = {} if own else elements
     timeouts = timeouts or Timeouts()
-    slots = service_slots(svc, script)
+    slots = service_slots(svc, script, live)
     for d in svc.dests:
         if needs_chain(svc, d):
             script.add(f"add chain {TABLE} {rs_chain(d)}")
@@ -404,7 +510,8 @@ def add_service(script: Script, svc: Service, elements: dict | None = None, snat
 
 
 def full(table: Table, generation: int, replace_existing: bool = True,
-         hooks: tuple[str, ...] = HOOKS, absent: frozenset[str] = frozenset()) -> Script:
+         hooks: tuple[str, ...] = HOOKS, absent: frozenset[str] = frozenset(),
+         live: dynsched.LiveState | None = None) -> Script:
     """The whole table in one script.  With ``replace_existing`` it first
     removes our own table (``add`` then ``delete``, so it cannot fail when
     the table is absent); nothing outside it is named.  Elements go in one
@@ -418,7 +525,7 @@ def full(table: Table, generation: int, replace_existing: bool = True,
     skeleton(script, table.timeouts, generation, table.snat, hooks)
     elements: dict = {}
     for svc in table.services:
-        add_service(script, svc, elements, table.snat, table.timeouts, absent)
+        add_service(script, svc, elements, table.snat, table.timeouts, absent, live)
     _add_elements(script, elements)
     return script
 
@@ -437,7 +544,7 @@ def remove_service(script: Script, svc: Service) -> None:
 
 
 def change_service(script: Script, old: Service, new: Service, snat: str = "",
-                   timeouts: Timeouts | None = None) -> None:
+                   timeouts: Timeouts | None = None, live: dynsched.LiveState | None = None) -> None:
     """The smallest change from ``old`` to ``new`` (same identity, same sid)."""
     old_chains = {d.rid: d for d in old.dests if needs_chain(old, d)}
     new_chains = {d.rid: d for d in new.dests if needs_chain(new, d)}
@@ -450,7 +557,7 @@ def change_service(script: Script, old: Service, new: Service, snat: str = "",
         elif rs_rules(old, old_chains[rid], snat) != rs_rules(new, d, snat):
             script.add(f"flush chain {TABLE} {rs_chain(d)}")
             rs_chain_rules(script, new, d, snat)
-    slots = service_slots(new, script)
+    slots = service_slots(new, script, live)
     service_chain(script, new, slots, timeouts)
     _add_elements(script, slot_elements(new, slots))
     for rid, d in old_chains.items():
@@ -459,7 +566,8 @@ def change_service(script: Script, old: Service, new: Service, snat: str = "",
 
 
 def incremental(old: Table, new: Table, old_generation: int, generation: int,
-                absent: frozenset[str] = frozenset()) -> Script | None:
+                absent: frozenset[str] = frozenset(),
+                live: dynsched.LiveState | None = None) -> Script | None:
     """A transaction taking the kernel from table ``old`` to table ``new``.
 
     The tables may hold only the services one command touched; services in
@@ -485,7 +593,7 @@ def incremental(old: Table, new: Table, old_generation: int, generation: int,
             remove_service(script, before)  # direct services are rebuilt whole
             before = None
         if before is None:
-            add_service(script, svc, snat=new.snat, timeouts=new.timeouts, absent=absent)
+            add_service(script, svc, snat=new.snat, timeouts=new.timeouts, absent=absent, live=live)
         elif before != svc:
-            change_service(script, before, svc, new.snat, new.timeouts)
+            change_service(script, before, svc, new.snat, new.timeouts, live)
     return script

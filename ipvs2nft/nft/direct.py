@@ -76,6 +76,8 @@ def skeleton(script, timeouts: Timeouts) -> None:
         s(f"add map {t} dsvcp0 {{ type {addr} . inet_proto : verdict; }}")
         s(f"add map {t} dfwm {{ type mark : verdict; }}")
         s(f"add map {t} dslots {{ type classid : verdict; }}")
+        # numgen value -> fixed slot, for services scheduled from live counts (build.py)
+        s(f"add map {t} ddyn {{ typeof numgen inc mod 2 : meta priority; flags dynamic; }}")
         s(f"add set {t} flows {{ type {addr} . inet_service . mark; flags dynamic,timeout; "
           f"size {FLOW_SIZE}; }}")
         s(f"add set {t} persist {{ type {addr} . mark; flags dynamic,timeout; size {FLOW_SIZE}; }}")
@@ -133,7 +135,7 @@ def service_rules(svc: Service, slots: sched.Slots, scheduler_rule: str) -> list
         rules += [f"{_client(svc)} . meta mark & 0x0 | {d.rid:#010x} @persist goto {rs_chain(d)}"
                   for d in svc.dests]
     if slots.table:
-        rules.append(scheduler_rule.replace(f"goto pick{fam}", "goto pick"))
+        rules.append(scheduler_rule.replace(f"goto pick{fam}", "goto pick").replace("@dyn", "@ddyn"))
     else:
         rules.append("goto unreachable")
     return rules
@@ -182,6 +184,13 @@ def slot_elements(svc: Service, slots: sched.Slots, base: int) -> list[str]:
     return [f"{base + i} : goto {rs_chain(d)}" for i, d in enumerate(slots.table) if d is not None]
 
 
+def dyn_elements(slots: sched.Slots, base: int) -> list[str]:
+    """``ddyn``: numgen value -> fixed slot (as build.slot_elements' ``dyn``)."""
+    from ipvs2nft.nft.build import NO_SLOT
+
+    return [f"{base + i} : {base + (j if j >= 0 else NO_SLOT)}" for i, j in enumerate(slots.dyn)]
+
+
 def add_service(script, svc: Service, slots: sched.Slots, scheduler_rule: str, base: int,
                 timeouts: Timeouts, elements: dict, absent: frozenset[str] = frozenset()) -> None:
     t = table(_fam(svc))
@@ -195,6 +204,8 @@ def add_service(script, svc: Service, slots: sched.Slots, scheduler_rule: str, b
     items = slot_elements(svc, slots, base)
     if items:
         elements.setdefault((t, "dslots"), []).extend(items)
+    if slots.dyn:
+        elements.setdefault((t, "ddyn"), []).extend(dyn_elements(slots, base))
     name, key = _dispatch(svc)
     elements.setdefault((t, name), []).append(f"{key} : goto {chain(svc)}")
 
@@ -203,10 +214,10 @@ def remove_service(script, svc: Service, slots: sched.Slots, base: int) -> None:
     t = table(_fam(svc))
     name, key = _dispatch(svc)
     script.add(f"delete element {t} {name} {{ {key} }}")
-    items = slot_elements(svc, slots, base)
-    if items:
-        keys = ", ".join(e.split(" : ", 1)[0] for e in items)
-        script.add(f"delete element {t} dslots {{ {keys} }}")
+    for name, items in (("dslots", slot_elements(svc, slots, base)), ("ddyn", dyn_elements(slots, base))):
+        if items:
+            keys = ", ".join(e.split(" : ", 1)[0] for e in items)
+            script.add(f"delete element {t} {name} {{ {keys} }}")
     script.add(f"delete chain {t} {chain(svc)}")
     for d in svc.dests:
         script.add(f"delete chain {t} {rs_chain(d)}")

@@ -13,6 +13,11 @@ import re
 import sys
 
 OURS = {("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft")}
+# Sets and maps whose elements the data path or the daemon write at run time
+# (learnt flows and clients, counters, live choices): no store describes them.
+# nft's JSON listing does not always carry their "dynamic" flag.
+RUNTIME = frozenset({"persist4", "persist6", "stat4", "stat6", "conn4", "conn6", "dyn", "lbl4", "lbl6",
+                     "flows", "persist", "ddyn"})
 
 
 def main() -> int:
@@ -51,7 +56,7 @@ def normalize(listing: dict) -> list[str]:
             continue
         obj = {k: v for k, v in obj.items() if k != "handle"}
         if kind in ("set", "map"):
-            if "dynamic" in obj.get("flags", []):
+            if "dynamic" in obj.get("flags", []) or obj.get("name") in RUNTIME:
                 obj.pop("elem", None)
             elif "elem" in obj:
                 obj["elem"] = sorted(json.dumps(e, sort_keys=True) for e in obj["elem"])

@@ -1,0 +1,300 @@
+"""The connection table: IPVS's per-server counters, kept from conntrack.
+
+Every connection a service of ours scheduled carries the service in its
+conntrack mark (``build.ct_mark``); its real server is the source of its
+reply tuple (where DNAT sent it).  From conntrack's events and dumps this
+table keeps, per service and real server, what ``struct ip_vs_dest`` keeps:
+active and inactive connections, the OVERLOAD flag of the thresholds, and
+lblc/lblcr's locality table -- updated the way ip_vs_conn.c updates them
+(bind on a new connection, a state change between active and inactive,
+unbind when the connection expires), so that ``dynsched`` decides as the
+kernel would.
+
+Events are hints (daemon.md §0): ``resync`` takes a dump as the truth and
+``expire`` removes a connection at conntrack's own timeout instead of when
+its DESTROY event finally arrives (conntrack's garbage collector runs up to
+a minute late; IPVS unbinds at the timer).  Pure bookkeeping: no I/O here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import socket
+from dataclasses import dataclass
+
+from ipvs2nft import dynsched
+from ipvs2nft.model import Service, ServiceKey, Table
+from ipvs2nft.netaddr import IPPROTO_SCTP, IPPROTO_TCP, address
+from ipvs2nft.nft.build import sid_of_mark
+
+# conntrack's TCP states that IPVS counts as active (daemon.md §1.1):
+# SYN_SENT, SYN_RECV, ESTABLISHED, SYN_SENT2
+TCP_ACTIVE = frozenset({1, 2, 3, 9})
+SCTP_ESTABLISHED = 3  # enum sctp_conntrack
+
+
+@dataclass(slots=True)
+class Conn:
+    """One of our connections as the table last saw it."""
+
+    svc: ServiceKey
+    dest: tuple  # Dest.key it is bound to (possibly no longer in the service)
+    active: bool
+    daddr: object  # the address the client connected to (lblc/lblcr's key)
+    deadline: float  # when conntrack will expire it unless a packet comes
+    state: int | None
+    orig: object = None  # the flow's original tuple, to ask conntrack about it
+
+
+def is_active(proto: int, state: int | None) -> bool:
+    """IPVS's activity: TCP from the first SYN to the first FIN; SCTP while
+    established; UDP never."""
+    if proto == IPPROTO_TCP:
+        return state in TCP_ACTIVE
+    if proto == IPPROTO_SCTP:
+        return state == SCTP_ESTABLISHED
+    return False
+
+
+class LiveTable:
+    """Loads per service, from the connections conntrack reports."""
+
+    def __init__(self, table: Table | None = None) -> None:
+        self.conns: dict[int, Conn] = {}
+        self.state = dynsched.LiveState()
+        self._by_sid: dict[int, Service] = {}
+        self._by_key: dict[ServiceKey, Service] = {}
+        self._expiry: list[tuple[float, int]] = []  # (deadline, ct id), lazily pruned
+        self.created: dict[ServiceKey, int] = {}  # new connections seen, per service, since taken
+        self.set_table(table or Table())
+
+    # ------------------------------------------------------------ the model
+    def set_table(self, table: Table) -> set[ServiceKey]:
+        """Follow a new model.  Returns the services whose counts may read
+        differently now (new ones, changed real servers or thresholds)."""
+        old = self._by_sid
+        self._by_sid = {s.sid: s for s in table.services if s.sid}
+        self._by_key = {s.key: s for s in self._by_sid.values()}
+        changed: set[ServiceKey] = set()
+        for sid, svc in self._by_sid.items():
+            before = old.get(sid)
+            if before is None or before.key != svc.key:
+                self._drop_service(before)
+                self.state.loads[svc.key] = {}
+                changed.add(svc.key)
+                continue
+            if before != svc:
+                changed.add(svc.key)
+                self._thresholds_changed(before, svc)
+                if before.scheduler != svc.scheduler:
+                    self.state.localities.pop(svc.key, None)  # a new scheduler starts afresh
+        for sid, svc in old.items():
+            if sid not in self._by_sid:
+                self._drop_service(svc)
+        if changed:
+            self._rebind(changed)
+        return changed
+
+    def _drop_service(self, svc: Service | None) -> None:
+        if svc is None:
+            return
+        self.state.loads.pop(svc.key, None)
+        self.state.localities.pop(svc.key, None)
+        for cid in [c for c, conn in self.conns.items() if conn.svc == svc.key]:
+            del self.conns[cid]
+
+    def _thresholds_changed(self, before: Service, after: Service) -> None:
+        """-e with new -x/-y re-evaluates the flag (mode 0, __ip_vs_update_dest)."""
+        loads = self.state.loads.setdefault(after.key, {})
+        for d in after.dests:
+            old = before.find_dest(d.key)
+            if old is None or (old.u_threshold, old.l_threshold) != (d.u_threshold, d.l_threshold):
+                dynsched.update_overload(d, dynsched.load_of(loads, d), 0)
+
+    def _rebind(self, services: set[ServiceKey]) -> None:
+        """Connections whose real server was not in the service when they
+        were first seen may be bound now (a server added back: IPVS takes it
+        out of its trash with its connections)."""
+        for conn in self.conns.values():
+            if conn.svc in services:
+                svc = self._service(conn.svc)
+                if svc is not None:
+                    conn.dest = _resolve(svc, conn.dest)
+
+    def _service(self, key: ServiceKey) -> Service | None:
+        return self._by_key.get(key)
+
+    def service_of(self, flow) -> Service | None:
+        """Our service of a conntrack flow, or None if it is not ours (or its
+        service is gone, or its sid now names another service)."""
+        sid = sid_of_mark(flow.mark)
+        svc = self._by_sid.get(sid) if sid else None
+        if svc is None:
+            return None
+        if not svc.fwmark:  # a recycled sid must not inherit another VIP's flows
+            vip = address(socket.inet_ntop(socket.AF_INET6 if len(flow.orig.dst) == 16 else socket.AF_INET,
+                                           flow.orig.dst))
+            if vip != svc.addr or (svc.port and flow.orig.dport != svc.port):
+                return None
+        return svc
+
+    # ------------------------------------------------------------ connections
+    def seen(self, flow, now: float) -> ServiceKey | None:
+        """A NEW or UPDATE event, or a flow of a dump.  Returns the service
+        whose counts changed, if any."""
+        svc = self.service_of(flow)
+        if svc is None or flow.reply is None:
+            return None
+        conn = self.conns.get(flow.id)
+        state = flow.tcp_state if flow.tcp_state is not None else (conn.state if conn else None)
+        active = is_active(flow.proto, state)
+        deadline = now + flow.timeout if flow.timeout is not None else (conn.deadline if conn else now + 300)
+        loads = self.state.loads.setdefault(svc.key, {})
+        if conn is None:
+            key = _resolve(svc, _reply_key(flow))
+            daddr = address(socket.inet_ntop(socket.AF_INET6 if len(flow.orig.dst) == 16 else socket.AF_INET,
+                                             flow.orig.dst))
+            conn = Conn(svc.key, key, active, daddr, deadline, state, flow.orig)
+            self.conns[flow.id] = conn
+            self.created[svc.key] = self.created.get(svc.key, 0) + 1
+            dest = svc.find_dest(key)
+            load = loads.setdefault(key, dynsched.Load())
+            if dest is not None:
+                dynsched.bind(dest, load, active)
+            else:
+                load.active += active
+                load.inactive += not active
+            self._learn_locality(svc, conn)
+        else:
+            load = loads.setdefault(conn.dest, dynsched.Load())
+            dynsched.set_activity(load, conn.active, active)
+            conn.active, conn.state, conn.deadline = active, state, deadline
+        heapq.heappush(self._expiry, (deadline, flow.id))
+        return svc.key
+
+    def gone(self, flow_id: int) -> ServiceKey | None:
+        """A DESTROY event, or a flow a dump or a lookup no longer has."""
+        conn = self.conns.pop(flow_id, None)
+        if conn is None:
+            return None
+        svc = self._service(conn.svc)
+        loads = self.state.loads.get(conn.svc)
+        if loads is None:
+            return None
+        load = loads.setdefault(conn.dest, dynsched.Load())
+        dest = svc.find_dest(conn.dest) if svc is not None else None
+        if dest is not None:
+            dynsched.unbind(dest, load, conn.active)
+        elif conn.active:
+            load.active = max(0, load.active - 1)
+        else:
+            load.inactive = max(0, load.inactive - 1)
+        return conn.svc
+
+    def due(self, now: float) -> list[tuple[int, Conn]]:
+        """Connections whose conntrack timeout has passed by now: the caller
+        asks conntrack whether each is really gone (a packet may have
+        refreshed it) and reports with ``gone`` or ``seen``."""
+        out = []
+        while self._expiry and self._expiry[0][0] <= now:
+            deadline, cid = heapq.heappop(self._expiry)
+            conn = self.conns.get(cid)
+            if conn is not None and conn.deadline <= now:
+                out.append((cid, conn))
+        return out
+
+    def next_deadline(self) -> float | None:
+        while self._expiry:
+            deadline, cid = self._expiry[0]
+            conn = self.conns.get(cid)
+            if conn is not None and conn.deadline == deadline:
+                return deadline
+            heapq.heappop(self._expiry)
+        return None
+
+    def resync(self, flows, now: float) -> set[ServiceKey]:
+        """A dump of every flow of ours: the truth.  Connections it lacks are
+        gone, new ones are bound, and counts that drifted (lost events) are
+        replaced; the overload flag is then re-evaluated from the counts
+        (mode 0: the hysteresis band keeps what the flag was)."""
+        before = {k: {d: (ld.active, ld.inactive) for d, ld in v.items()}
+                  for k, v in self.state.loads.items()}
+        present = set()
+        changed: set[ServiceKey] = set()
+        for flow in flows:
+            present.add(flow.id)
+            key = self.seen(flow, now)
+            if key is not None:
+                changed.add(key)
+        for cid in [c for c in self.conns if c not in present]:
+            key = self.gone(cid)
+            if key is not None:
+                changed.add(key)
+        self._recount(changed)
+        for key, loads in self.state.loads.items():
+            now_counts = {d: (ld.active, ld.inactive) for d, ld in loads.items()}
+            if now_counts != before.get(key, {}):
+                changed.add(key)
+        return changed
+
+    def _recount(self, services: set[ServiceKey]) -> None:
+        """Counts straight from the connections (what a dump proves)."""
+        for key in services:
+            loads = self.state.loads.setdefault(key, {})
+            fresh: dict = {}
+            for conn in self.conns.values():
+                if conn.svc == key:
+                    pair = fresh.setdefault(conn.dest, [0, 0])
+                    pair[0 if conn.active else 1] += 1
+            svc = self._service(key)
+            for dest_key in set(loads) | set(fresh):
+                load = loads.setdefault(dest_key, dynsched.Load())
+                active, inactive = fresh.get(dest_key, (0, 0))
+                if (load.active, load.inactive) != (active, inactive):
+                    load.active, load.inactive = active, inactive
+                    dest = svc.find_dest(dest_key) if svc is not None else None
+                    if dest is not None:
+                        dynsched.recount_overload(dest, load)
+
+    # ------------------------------------------------------------ locality
+    def _learn_locality(self, svc: Service, conn: Conn) -> None:
+        """What lblc/lblcr's table became when the kernel scheduled this
+        connection: lblc remembers the destination address -> the server
+        (replacing an entry that was not usable), lblcr adds the server to
+        the address's set."""
+        if svc.scheduler not in dynsched.LOCALITY:
+            return
+        table = self.state.localities.setdefault(svc.key, dynsched.Locality())
+        if svc.scheduler == "lblc":
+            table.entries[conn.daddr] = conn.dest
+            return
+        members = table.entries.setdefault(conn.daddr, [])
+        if conn.dest not in members:
+            members.insert(0, conn.dest)
+
+    def take_created(self) -> dict[ServiceKey, int]:
+        """New connections per service since the last call."""
+        created, self.created = self.created, {}
+        return created
+
+    def counts(self, key: ServiceKey) -> dict:
+        """The loads of one service (Dest.key -> Load)."""
+        return self.state.loads.get(key, {})
+
+
+def _reply_key(flow) -> tuple:
+    """(af, address, port) of the real server: the reply tuple's source."""
+    af = socket.AF_INET6 if len(flow.reply.src) == 16 else socket.AF_INET
+    return (af, address(socket.inet_ntop(af, flow.reply.src)), flow.reply.sport)
+
+
+def _resolve(svc: Service, key: tuple) -> tuple:
+    """A reply source names the server (af, addr, port); a server given
+    without a port (port 0: the packet's own port is kept) matches on the
+    address alone."""
+    if svc.find_dest(key) is not None:
+        return key
+    port0 = (key[0], key[1], 0)
+    if svc.find_dest(port0) is not None:
+        return port0
+    return key

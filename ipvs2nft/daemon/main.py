@@ -1,0 +1,419 @@
+"""The daemon process: start-up, the event loop, shutdown.
+
+One asyncio loop, one thread: conntrack events, the control socket, and
+timers (the estimator's 2-second tick, conntrack timeouts, the store and
+drift checks) all run in it, so the connection table has a single owner
+and needs no locks.  Start-up order matters (daemon.md §0): subscribe to
+events first, then dump, so that no connection falls between the two; a
+flow created before any listener existed never sends an event, which is
+why counts always come from a dump first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import sys
+import time
+
+from ipvs2nft import dynsched
+from ipvs2nft.conntable import LiveTable
+from ipvs2nft.daemon import control
+from ipvs2nft.daemon.estimator import TICK, Estimator
+from ipvs2nft.daemon.publish import Publisher, StaleGeneration
+from ipvs2nft.model import Table
+
+FOLLOW_EVERY = 0.2  # seconds between looks at the state file
+DRIFT_EVERY = 1.0  # seconds between checks that our table is still there
+RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
+
+
+class DaemonError(Exception):
+    """Start-up failed: one line for the user, exit status 1."""
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): a datagram to $NOTIFY_SOCKET (abstract if it starts with @)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(path)
+            sock.sendall(message.encode())
+    except OSError:
+        pass  # systemd gone: nothing to tell
+
+
+class Extension:
+    """A part of the daemon that lives in its loop (keepalived's checkers,
+    metrics...).  ``start`` runs before READY=1 (an error there stops the
+    daemon with its message); ``stop`` at SIGTERM."""
+
+    async def start(self, daemon: Daemon) -> None:  # pragma: no cover - interface
+        pass
+
+    async def stop(self) -> None:  # pragma: no cover - interface
+        pass
+
+
+class Daemon:
+    def __init__(self, store, resync_every: float = RESYNC_EVERY, extensions=()) -> None:
+        self.store = store
+        self.extensions = list(extensions)
+        self.resync_every = resync_every
+        self.table = Table()
+        self.generation = 0
+        self.identity = None
+        self.live = LiveTable()
+        self.estimator = Estimator()
+        self.dirty: set = set()
+        self.stopping = asyncio.Event()
+        self.sock = self.events = self.ct = self.nfnl = None
+        self.publisher: Publisher | None = None
+        self.table_handle = None
+        self._expiry_timer = None
+        self.counters = {"events": 0, "lost": 0, "resyncs": 0, "pushes": 0, "elements": 0, "stale": 0}
+
+    # ------------------------------------------------------------ start-up
+    def claim(self) -> None:
+        """The namespace's control socket, which is also its daemon lock."""
+        try:
+            self.sock = control.bind()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                pid = control.running_pid()
+                who = f" (pid {pid})" if pid else ""
+                raise DaemonError("another ipvs2nft daemon is running in this network namespace"
+                                  f"{who}") from None
+            raise DaemonError(f"cannot open the control socket: {exc.strerror}") from None
+
+    def open_kernel(self) -> None:
+        """conntrack's events (subscribed before the first dump) and dumps,
+        and nfnetlink.  A kernel without ctnetlink is a clear error."""
+        from ipvs2nft.conntrack import Conntrack, ConntrackUnavailable, Events
+        from ipvs2nft.nft.build import CT_MARK_OURS
+        from ipvs2nft.nft.nfnetlink import Nfnetlink
+
+        try:
+            self.events = Events(mark=CT_MARK_OURS, mask=CT_MARK_OURS)
+            self.ct = Conntrack()
+            self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
+        except (ConntrackUnavailable, OSError) as exc:
+            raise DaemonError(f"connection tracking is not available ({exc}): the daemon needs "
+                              "nf_conntrack and its netlink interface (nf_conntrack_netlink)") from None
+        self.nfnl = Nfnetlink()
+        self.publisher = Publisher(self.nfnl)
+
+    async def run(self) -> int:
+        self.claim()
+        try:
+            self.open_kernel()
+            self.reload(repair=True)
+            self.resync()
+            self.publish(force=True)
+            self.tick()
+            for ext in self.extensions:
+                await ext.start(self)
+        except DaemonError:
+            self.close()
+            raise
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.events.fileno(), self.on_events)
+        loop.add_reader(self.sock.fileno(), self.on_accept)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(repair=True))
+        tasks = [asyncio.create_task(self._every(TICK, self.tick)),
+                 asyncio.create_task(self._every(FOLLOW_EVERY, self.follow)),
+                 asyncio.create_task(self._every(DRIFT_EVERY, self.check_drift)),
+                 asyncio.create_task(self._every(self.resync_every, self.resync_and_publish))]
+        self.schedule_expiry()
+        count = sum(1 for _ in self.table.services)
+        notify(f"READY=1\nSTATUS=following {count} services\nMAINPID={os.getpid()}")
+        await self.stopping.wait()
+        notify("STOPPING=1")
+        for ext in self.extensions:
+            try:
+                await asyncio.wait_for(ext.stop(), timeout=1.0)
+            except Exception as exc:  # noqa: BLE001 - stopping goes on
+                _log(f"stopping {type(ext).__name__}: {exc}")
+        for task in tasks:
+            task.cancel()
+        loop.remove_reader(self.events.fileno())
+        loop.remove_reader(self.sock.fileno())
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        for thing in (self.sock, self.events, self.ct, self.nfnl):
+            if thing is not None:
+                try:
+                    thing.close()
+                except OSError:
+                    pass
+
+    async def _every(self, seconds: float, action) -> None:
+        """Run ``action`` every ``seconds``; an error is logged, not fatal."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - a long-running daemon survives a bad moment
+                _log(f"{getattr(action, '__name__', action)}: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------ the model
+    def follow(self) -> None:
+        """Reload the state file when ipvsadm replaced it."""
+        try:
+            st = os.stat(self.store.path)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            identity = None
+        if identity != self.identity:
+            self.reload()
+
+    def reload(self, repair: bool = False) -> None:
+        """Read the state file; with ``repair``, first make our tables what it
+        says (as any ipvsadm command would: ``Session.check``)."""
+        from ipvs2nft.errors import IpvsadmError
+
+        if repair:
+            try:
+                from ipvs2nft.cli.ipvsadm import _session
+
+                _session().check()
+            except IpvsadmError as exc:
+                _log(f"cannot repair the ruleset: {exc.message}")
+        try:
+            st = os.stat(self.store.path)
+            self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            self.identity = None
+        try:
+            snapshot = self.store.read()
+        except IpvsadmError as exc:
+            _log(f"cannot read the state file: {exc.message}")
+            return
+        changed = self.live.set_table(snapshot.table)
+        self.table, self.generation = snapshot.table, snapshot.generation
+        handle = self._handle()
+        if repair or handle != self.table_handle:
+            self.publisher.forget()  # the table was rebuilt: nothing we wrote is left
+            changed = {s.key for s in self.table.services}
+        else:
+            self.publisher.forget(changed)
+        self.table_handle = handle
+        self.dirty |= changed
+        self.flush()
+
+    def _handle(self):
+        try:
+            return self.nfnl.table_handle("inet", "ipvs2nft")
+        except OSError:
+            return None
+
+    def check_drift(self) -> None:
+        """Our table flushed or deleted by someone else (``nft flush
+        ruleset``, an nftables reload): rebuild it from the store and
+        publish the live choices again."""
+        if self._handle() != self.table_handle or self._kernel_generation() != self.generation:
+            self.reload(repair=True)
+
+    def _kernel_generation(self) -> int | None:
+        import struct
+
+        try:
+            found = self.nfnl.set_elements("inet", "ipvs2nft", "gen")
+        except OSError:
+            return None
+        return struct.unpack_from("=I", found[0].key)[0] if found else None
+
+    def mutate(self, keys, change) -> None:
+        """Change the table as an ipvsadm command does -- under the store's
+        lock, one kernel transaction, then the state file -- for extensions
+        (keepalived's checkers add, remove and re-weight real servers).
+        ``keys``: the ServiceKeys ``change`` touches (None: all).  Facts
+        about the host that a long-running process would otherwise keep
+        from its start are looked up afresh."""
+        from ipvs2nft import host
+        from ipvs2nft.cli.ipvsadm import _session
+
+        host.local_broadcasts.cache_clear()
+        _session().mutate(keys, change)
+        self.reload()
+
+    # ------------------------------------------------------------ connections
+    def on_events(self) -> None:
+        from ipvs2nft.conntrack import Event, EventsLost
+
+        try:
+            events = self.events.read()
+            lost = False
+        except EventsLost as exc:
+            events, lost = exc.events, True
+        now = time.monotonic()
+        live = self.live
+        for kind, flow in events:
+            key = live.gone(flow.id) if kind == Event.DESTROY else live.seen(flow, now)
+            if key is not None:
+                self.dirty.add(key)
+        self.counters["events"] += len(events)
+        if lost:
+            self.counters["lost"] += 1
+            self.resync()
+        self.flush()
+        self.schedule_expiry()
+
+    def resync(self) -> None:
+        """A dump: the truth about every flow of ours."""
+        from ipvs2nft.nft.build import CT_MARK_OURS
+
+        flows = self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
+        self.dirty |= self.live.resync(flows, time.monotonic())
+        self.counters["resyncs"] += 1
+
+    def resync_and_publish(self) -> None:
+        self.resync()
+        self.flush()
+        self.schedule_expiry()
+
+    def schedule_expiry(self) -> None:
+        deadline = self.live.next_deadline()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if deadline is None:
+            return
+        loop = asyncio.get_event_loop()
+        delay = max(0.0, deadline - time.monotonic()) + 0.01
+        self._expiry_timer = loop.call_later(delay, self.expire)
+
+    def expire(self) -> None:
+        """Connections whose conntrack timeout passed: gone unless conntrack
+        still has them (a packet refreshed them)."""
+        self._expiry_timer = None
+        now = time.monotonic()
+        for cid, conn in self.live.due(now):
+            flow = self.ct.get(conn.orig) if conn.orig is not None else None
+            if flow is None or flow.id != cid:
+                key = self.live.gone(cid)
+            else:
+                key = self.live.seen(flow, now)
+            if key is not None:
+                self.dirty.add(key)
+        self.flush()
+        self.schedule_expiry()
+
+    # ------------------------------------------------------------ the data plane
+    def flush(self) -> None:
+        """Publish the choices of the services whose counts changed."""
+        self.publisher.account(self.live.take_created())
+        if not self.dirty:
+            return
+        keys, self.dirty = self.dirty, set()
+        services = [s for s in (self.table.find(k) for k in keys) if s is not None and dynsched.managed(s)]
+        if services:
+            self._push(services)
+
+    def publish(self, force: bool = False) -> None:
+        if force:
+            self.publisher.forget()
+        self._push([s for s in self.table.services if dynsched.managed(s)])
+
+    def _push(self, services) -> None:
+        for _ in range(3):
+            try:
+                written = self.publisher.push(services, self.live.state, self.generation)
+                self.counters["pushes"] += 1
+                self.counters["elements"] += written
+                return
+            except StaleGeneration:
+                self.counters["stale"] += 1
+                self.reload()  # ipvsadm committed meanwhile: its table, then ours again
+                services = [s for s in (self.table.find(x.key) for x in services)
+                            if s is not None and dynsched.managed(s)]
+        _log("could not publish live choices: the table keeps changing under us")
+
+    # ------------------------------------------------------------ statistics
+    def tick(self) -> None:
+        """The estimator's 2-second tick over the kernel's counters."""
+        from ipvs2nft.nft import readback
+
+        counts = readback.read_counts(self.nfnl)
+        services: dict[str, list[int]] = {}
+        dests: dict[str, list[int]] = {}
+        for svc in self.table.services:
+            services[str(svc.sid)] = counts.service(svc.sid)
+            for d in svc.dests:
+                dests[readback.dest_tag(svc.sid, d.key)] = counts.dest(svc.sid, d.key)
+        self.estimator.tick(services, dests)
+
+    # ------------------------------------------------------------ control socket
+    def on_accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                _, uid, _ = control.peer(conn)
+            except OSError:
+                return
+            if uid != 0:
+                control.answer(conn, {"ok": False, "error": "permission denied (root only)"})
+                return
+            request = control.read_request(conn)
+            if request is None:
+                control.answer(conn, {"ok": False, "error": "malformed request"})
+                return
+            control.answer(conn, self.handle(request))
+
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "stats":
+            return {"ok": True, **self.estimator.answer()}
+        if op == "zeroed":
+            sids = request.get("sids")
+            if not isinstance(sids, list) or not all(type(s) is int for s in sids):
+                return {"ok": False, "error": "sids must be a list of integers"}
+            self.estimator.zero(set(sids))
+            return {"ok": True}
+        if op == "changed":
+            self.follow()
+            return {"ok": True}
+        if op == "status":
+            return {"ok": True, "services": sum(1 for _ in self.table.services),
+                    "connections": len(self.live.conns), **self.counters}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def _log(text: str) -> None:
+    sys.stderr.write(f"ipvs2nft daemon: {text}\n")
+    sys.stderr.flush()
+
+
+def main(args) -> int:
+    """``ipvs2nft daemon``."""
+    from ipvs2nft.privilege import may_administer_network
+    from ipvs2nft.store import Store
+
+    if not may_administer_network():
+        _log("Permission denied (you must be root)")
+        return 2
+    daemon = Daemon(Store(), resync_every=getattr(args, "resync", RESYNC_EVERY))
+    try:
+        return asyncio.run(daemon.run())
+    except DaemonError as exc:
+        _log(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 0

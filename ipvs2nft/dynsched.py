@@ -1,0 +1,390 @@
+"""IPVS's connection-count schedulers and its overload flag, over live counts.
+
+lc, wlc (ipvsadm's default), sed, nq, ovf, lblc and lblcr choose a real
+server from the connections each one holds; thresholds (``-x``/``-y``) take
+an overloaded server out of every scheduler.  nftables cannot compute an
+argmin per packet, so the choice is made here, in user space, by the same
+code the kernel runs (net/netfilter/ipvs/ip_vs_{lc,wlc,sed,nq,ovf,fo,lblc,
+lblcr}.c and ip_vs_conn.c of the Debian 6.1 kernel the oracle runs), and the
+data plane is handed a short *prediction*: the servers IPVS would choose for
+the next connections if every one of them stayed open (``predict``).  A
+connection that closes, or one that arrives by another way, changes the
+counts; whoever watches the counts (the daemon, or ipvsadm when it writes a
+service) then hands over a new prediction.
+
+Pure: no I/O.  Counts come in as ``Load`` per real server (``Dest.key``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ipvs2nft import sched
+from ipvs2nft.model import Dest, SchedState, Service
+from ipvs2nft.netaddr import IPPROTO_SCTP, IPPROTO_TCP
+
+# Schedulers whose decision depends on connection counts.
+LIVE = frozenset({"lc", "wlc", "sed", "nq", "ovf", "lblc", "lblcr"})
+LOCALITY = frozenset({"lblc", "lblcr"})
+
+Key = tuple  # Dest.key
+
+
+@dataclass(slots=True)
+class Load:
+    """What IPVS keeps per real server (``struct ip_vs_dest``): activeconns,
+    totalconns (non-template connections, active or not), persistconns, and
+    the OVERLOAD flag that the thresholds drive."""
+
+    active: int = 0
+    inactive: int = 0
+    persistent: int = 0
+    overloaded: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.active + self.inactive
+
+    @property
+    def overhead(self) -> int:
+        """ip_vs_dest_conn_overhead(): ``(activeconns << 8) + totalconns``
+        (the 2026 "totalconns" change the oracle kernel carries)."""
+        return (self.active << 8) + self.total
+
+    def copy(self) -> Load:
+        return Load(self.active, self.inactive, self.persistent, self.overloaded)
+
+
+Loads = dict  # Key -> Load
+
+
+def load_of(loads: Loads, dest: Dest) -> Load:
+    got = loads.get(dest.key)
+    if got is None:
+        got = loads[dest.key] = Load()
+    return got
+
+
+# ------------------------------------------------------------------ thresholds
+
+def lower_threshold(dest: Dest) -> int:
+    """l_threshold_val: -y, or 3/4 of -x rounded up (``u - (u >> 2)``)."""
+    return dest.l_threshold or (dest.u_threshold - (dest.u_threshold >> 2))
+
+
+def update_overload(dest: Dest, load: Load, mode: int) -> None:
+    """__ip_vs_dest_update_overload() (ip_vs_ctl.c, 2026 semantics): mode
+    +1 when a connection is bound, -1 when one is unbound, 0 when -e changes
+    the thresholds."""
+    u = dest.u_threshold
+    if not u:
+        load.overloaded = False
+        return
+    lower = lower_threshold(dest)
+    conns = load.total
+    if conns >= (lower if mode > 0 else u):
+        load.overloaded = True
+    elif conns >= (u if mode < 0 else lower):
+        return
+    else:
+        load.overloaded = False
+
+
+def bind(dest: Dest, load: Load, active: bool) -> None:
+    """ip_vs_bind_dest(): a new (non-template) connection on ``dest``."""
+    if active:
+        load.active += 1
+    else:
+        load.inactive += 1
+    if load.total == dest.u_threshold:
+        update_overload(dest, load, 1)
+
+
+def unbind(dest: Dest, load: Load, active: bool) -> None:
+    """ip_vs_unbind_dest(): a connection of ``dest`` expired."""
+    before = load.total
+    if active:
+        load.active = max(0, load.active - 1)
+    else:
+        load.inactive = max(0, load.inactive - 1)
+    if before == lower_threshold(dest) and dest.u_threshold:
+        update_overload(dest, load, -1)
+
+
+def set_activity(load: Load, was_active: bool, active: bool) -> None:
+    """A connection's protocol state moved between active and inactive."""
+    if was_active == active:
+        return
+    if active:
+        load.active += 1
+        load.inactive = max(0, load.inactive - 1)
+    else:
+        load.active = max(0, load.active - 1)
+        load.inactive += 1
+
+
+def recount_overload(dest: Dest, load: Load) -> None:
+    """The flag from counts alone, when no history is known (a fresh dump):
+    at or over -x it is set; under the lower threshold it is clear; in
+    between the flag is kept (the hysteresis band), which is what mode 0
+    does."""
+    update_overload(dest, load, 0)
+
+
+# ------------------------------------------------------------------ decisions
+
+def _usable(dest: Dest, load: Load) -> bool:
+    return not load.overloaded and dest.weight > 0
+
+
+def _weighted_least(dests: Iterable[Dest], loads: Loads, overhead: Callable[[Load], int],
+                    available: Callable[[Dest], bool] = lambda d: True) -> Dest | None:
+    """The two-stage loop of wlc, sed, lblc and lblcr: the first usable
+    server (kernel list order, newest first), then any later one that is not
+    overloaded whose overhead/weight is strictly lower (``loh * w_d > doh *
+    w_least``; a weight-0 server can never win that comparison)."""
+    it = iter(dests)
+    least = None
+    for d in it:
+        if _usable(d, load_of(loads, d)) and available(d):
+            least = d
+            break
+    if least is None:
+        return None
+    loh = overhead(load_of(loads, least))
+    for d in it:
+        load = load_of(loads, d)
+        if load.overloaded or not available(d):
+            continue
+        doh = overhead(load)
+        if loh * d.weight > doh * least.weight:
+            least, loh = d, doh
+    return least
+
+
+def _lc(svc: Service, loads: Loads) -> Dest | None:
+    least, loh = None, 0
+    for d in svc.dests:
+        load = load_of(loads, d)
+        if load.overloaded or d.weight == 0:
+            continue
+        doh = load.overhead
+        if least is None or doh < loh:
+            least, loh = d, doh
+    return least
+
+
+def _wlc(svc: Service, loads: Loads) -> Dest | None:
+    return _weighted_least(svc.dests, loads, lambda load: load.overhead)
+
+
+def _sed(svc: Service, loads: Loads) -> Dest | None:
+    return _weighted_least(svc.dests, loads, lambda load: load.active + 1)
+
+
+def _nq(svc: Service, loads: Loads) -> Dest | None:
+    least, loh = None, 0
+    for d in svc.dests:
+        load = load_of(loads, d)
+        if load.overloaded or d.weight == 0:
+            continue
+        doh = load.active + 1
+        if load.active == 0:
+            return d  # an idle server is taken at once
+        if least is None or loh * d.weight > doh * least.weight:
+            least, loh = d, doh
+    return least
+
+
+def _ovf(svc: Service, loads: Loads) -> Dest | None:
+    best = None
+    for d in svc.dests:
+        load = load_of(loads, d)
+        if load.overloaded or load.active > d.weight or d.weight == 0:
+            continue
+        if best is None or d.weight > best.weight:
+            best = d
+    return best
+
+
+def _fo(svc: Service, loads: Loads) -> Dest | None:
+    best, hw = None, 0
+    for d in svc.dests:
+        if not load_of(loads, d).overloaded and d.weight > hw:
+            best, hw = d, d.weight
+    return best
+
+
+def is_overloaded(svc: Service, dest: Dest, loads: Loads) -> bool:
+    """lblc/lblcr's own test (not the OVERLOAD flag): more active
+    connections than weight while some server is under half its weight."""
+    if load_of(loads, dest).active > dest.weight:
+        return any(load_of(loads, d).active * 2 < d.weight for d in svc.dests)
+    return False
+
+
+@dataclass
+class Locality:
+    """lblc/lblcr's table: destination address -> server (lblc) or servers,
+    newest first (lblcr).  Entries name servers by key; a server deleted
+    from the service is "not available" (IP_VS_DEST_CF_AVAILABLE cleared)
+    and is skipped, as the kernel skips a server in its trash."""
+
+    entries: dict = field(default_factory=dict)  # daddr -> Key (lblc) | list[Key] (lblcr)
+
+    def copy(self) -> Locality:
+        return Locality({k: (list(v) if isinstance(v, list) else v) for k, v in self.entries.items()})
+
+
+def _lblc(svc: Service, loads: Loads, daddr, table: Locality) -> Dest | None:
+    cached = svc.find_dest(table.entries.get(daddr)) if daddr in table.entries else None
+    if cached is not None and cached.weight > 0 and not is_overloaded(svc, cached, loads):
+        return cached
+    dest = _wlc(svc, loads)
+    if dest is not None:
+        table.entries[daddr] = dest.key  # ip_vs_lblc_new() replaces the entry
+    return dest
+
+
+def _lblcr_min(svc: Service, members: list, loads: Loads) -> Dest | None:
+    """ip_vs_dest_set_min(): the weighted least of the set (newest member
+    first); a member no longer in the service is not available."""
+    dests = [svc.find_dest(k) for k in members]
+    present = [d for d in dests if d is not None]
+    return _weighted_least(present, loads, lambda load: load.overhead)
+
+
+def _lblcr(svc: Service, loads: Loads, daddr, table: Locality) -> Dest | None:
+    members = table.entries.get(daddr)
+    if members is not None:
+        dest = _lblcr_min(svc, members, loads)
+        if dest is not None and not is_overloaded(svc, dest, loads):
+            return dest
+        dest = _wlc(svc, loads)
+        if dest is not None and dest.key not in members:
+            members.insert(0, dest.key)  # ip_vs_dest_set_insert(): at the head
+        return dest
+    dest = _wlc(svc, loads)
+    if dest is not None:
+        table.entries[daddr] = [dest.key]
+    return dest
+
+
+_PICK = {"lc": _lc, "wlc": _wlc, "sed": _sed, "nq": _nq, "ovf": _ovf, "fo": _fo}
+
+
+def _sequence_pick(svc: Service, st: SchedState, loads: Loads) -> tuple[Dest | None, SchedState]:
+    """rr and wrr skip an overloaded server (ip_vs_rr.c, ip_vs_wrr.c) like a
+    quiesced one: the same walk with overloaded servers at weight 0."""
+    view = _quiesce_overloaded(svc, loads)
+    dest, st = sched.pick(view, st)
+    return (None if dest is None else svc.find_dest(dest.key)), st
+
+
+def _quiesce_overloaded(svc: Service, loads: Loads) -> Service:
+    from dataclasses import replace
+
+    dests = tuple(replace(d, weight=0) if load_of(loads, d).overloaded else d for d in svc.dests)
+    return svc if dests == svc.dests else replace(svc, dests=dests)
+
+
+def schedule(svc: Service, loads: Loads, daddr=None, table: Locality | None = None,
+             st: SchedState | None = None) -> tuple[Dest | None, SchedState | None]:
+    """IPVS's choice for one new connection (not persistence), and the
+    scheduler's new state for rr/wrr.  ``table`` (lblc/lblcr) is updated as
+    the kernel updates it."""
+    name = svc.scheduler
+    if name in LOCALITY:
+        table = table if table is not None else Locality()
+        pick = _lblc if name == "lblc" else _lblcr
+        return pick(svc, loads, daddr, table), st
+    if name in _PICK:
+        return _PICK[name](svc, loads), st
+    if sched.is_sequence(svc):
+        return _sequence_pick(svc, st if st is not None else svc.sched, loads)
+    raise ValueError(f"{name} is not scheduled from counts")
+
+
+def new_connection_is_active(svc: Service) -> bool:
+    """A new TCP or SCTP connection counts as active from its first packet
+    (TCP: NONE -> SYN_RECV on the client's SYN; SCTP likewise); UDP never
+    (ip_vs_proto_udp.c keeps no active state).  A fwmark service is
+    predicted as TCP, the common case."""
+    return svc.fwmark != 0 or svc.protocol in (IPPROTO_TCP, IPPROTO_SCTP)
+
+
+def predict(svc: Service, loads: Loads, count: int, daddr=None, table: Locality | None = None,
+            st: SchedState | None = None) -> list[Dest | None]:
+    """The next ``count`` choices, assuming each new connection stays open
+    (bound as active for TCP, inactive for UDP, and pushing its server to
+    the overload flag when it reaches -x).  Inputs are not changed."""
+    loads = {k: v.copy() for k, v in loads.items()}
+    table = table.copy() if table is not None else Locality()  # one table for all the steps
+    active = new_connection_is_active(svc)
+    out = []
+    for _ in range(count):
+        dest, st = schedule(svc, loads, daddr, table, st)
+        out.append(dest)
+        if dest is not None:
+            bind(dest, load_of(loads, dest), active)
+    return out
+
+
+def managed(svc: Service) -> bool:
+    """Does the service's choice depend on live counts?  The connection-count
+    schedulers, and any scheduler once a real server has thresholds (the
+    overload flag).  sh, dh and mh hash the client into a fixed table; for
+    them thresholds are not enforced (compat-matrix.md)."""
+    if svc.scheduler in LIVE:
+        return True
+    if svc.scheduler in ("sh", "dh", "mh", "none") or svc.scheduler not in sched_names():
+        return False
+    return any(d.u_threshold for d in svc.dests)
+
+
+def sched_names() -> frozenset[str]:
+    from ipvs2nft.model import SCHEDULERS
+
+    return frozenset(SCHEDULERS)
+
+
+def prediction_length(svc: Service) -> int:
+    """How many upcoming choices the data plane holds for a managed
+    service: enough for a burst between two updates, bounded so that 10,000
+    services do not load hundreds of thousands of map elements.  A function
+    of the model alone, so ipvsadm and the daemon agree on the slot range
+    without asking each other."""
+    return min(64, max(8, 4 * len(svc.dests)))
+
+
+@dataclass
+class LiveState:
+    """The live counts a managed service's prediction is computed from:
+    per service (ServiceKey) its Loads and, for lblc/lblcr, its Locality.
+    An empty state is a service nobody has connected to yet (what ipvsadm
+    writes without a kernel, e.g. ``ipvs2nft translate``)."""
+
+    loads: dict = field(default_factory=dict)
+    localities: dict = field(default_factory=dict)
+
+    def prediction(self, svc: Service) -> list[Dest | None]:
+        loads = self.loads.get(svc.key, {})
+        table = self.localities.get(svc.key)
+        # misses of a fwmark service's locality table are new destination
+        # addresses; a normal service has one, its VIP
+        daddr = None if svc.fwmark else svc.addr
+        st = svc.sched if sched.is_sequence(svc) else None
+        return predict(svc, loads, prediction_length(svc), daddr, table, st)
+
+
+NO_LIVE = LiveState()
+
+
+def slots(svc: Service, live: LiveState | None = None) -> sched.Slots:
+    """The slot table of a managed service: one fixed slot per real server
+    and the prediction as indices into them."""
+    index = {d.key: i for i, d in enumerate(svc.dests)}
+    picks = (live or NO_LIVE).prediction(svc) if svc.dests else []
+    dyn = tuple(-1 if d is None else index[d.key] for d in picks)
+    return sched.Slots(svc.dests, dyn=dyn)

@@ -1,0 +1,330 @@
+"""What the data plane counted, read back from the kernel.
+
+IPVS's numbers live in three places here, all of them kernel state that is
+right whether or not the daemon runs:
+
+* ``stat4/6`` and ``conn4/6`` (build.counting): per service mark and real
+  server, packets and bytes per direction and new connections -- the
+  counters of ``ipvsadm -L --stats``;
+* conntrack, filtered by our mark bit: every connection, its state and its
+  real server -- ActiveConn/InActConn and ``-L -c``;
+* ``persist4/6``: one element per persistence template (client network .
+  rid) -- PersistConn and the template rows of ``-L -c``.
+
+Decoding is pure (``decode_*``); ``read_*`` ask the kernel over raw netlink
+(libnftables takes over a second to list 80,000 counted elements).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ipvs2nft.netaddr import address
+from ipvs2nft.nft.build import CT_MARK_OURS, sid_of_mark
+
+TABLE_FAMILY, TABLE_NAME = "inet", "ipvs2nft"
+_U32 = struct.Struct("=I").unpack_from  # marks and classids: host order
+_PORT = struct.Struct(">H").unpack_from  # inet_service: network order
+CONNS, INPKTS, OUTPKTS, INBYTES, OUTBYTES = range(5)
+
+Key = tuple  # (sid, (af, address, port)) of one real server of one service
+
+
+@dataclass
+class KernelCounts:
+    """Counters per (sid, real server): [conns, inpkts, outpkts, inbytes,
+    outbytes], as monotonic as the kernel keeps them."""
+
+    dests: dict = field(default_factory=dict)  # Key -> list[int]
+
+    def add(self, key: Key, index: int, value: int) -> None:
+        row = self.dests.get(key)
+        if row is None:
+            row = self.dests[key] = [0, 0, 0, 0, 0]
+        row[index] += value
+
+    def service(self, sid: int) -> list[int]:
+        """A service's counters: the sum over every real server it ever
+        sent connections to (IPVS's service stats keep counting what went to
+        a server later removed)."""
+        total = [0, 0, 0, 0, 0]
+        for (s, _), row in self.dests.items():
+            if s == sid:
+                for i in range(5):
+                    total[i] += row[i]
+        return total
+
+    def dest(self, sid: int, key: tuple) -> list[int]:
+        """One real server's counters; a server without a port (it keeps the
+        packet's port) sums every port it was reached on."""
+        if key[2]:
+            return list(self.dests.get((sid, key), (0, 0, 0, 0, 0)))
+        total = [0, 0, 0, 0, 0]
+        for (s, dkey), row in self.dests.items():
+            if s == sid and dkey[:2] == key[:2]:
+                for i in range(5):
+                    total[i] += row[i]
+        return total
+
+
+def _addr(packed: bytes):
+    return address(socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed))
+
+
+def _af(packed: bytes) -> int:
+    return socket.AF_INET6 if len(packed) == 16 else socket.AF_INET
+
+
+def decode_stat(elements: Iterable, v6: bool, counts: KernelCounts) -> None:
+    """``stat4/6``: mark . ct_dir . address . port -> packets, bytes."""
+    alen = 16 if v6 else 4
+    for e in elements:
+        key = e.key
+        mark = _U32(key, 0)[0]
+        sid = sid_of_mark(mark)
+        if sid is None or e.packets is None:
+            continue
+        reply = key[4] == 1  # IP_CT_DIR_REPLY
+        packed = key[8:8 + alen]
+        port = _PORT(key, 8 + alen)[0]
+        dkey = (sid, (_af(packed), _addr(packed), port))
+        counts.add(dkey, OUTPKTS if reply else INPKTS, e.packets)
+        counts.add(dkey, OUTBYTES if reply else INBYTES, e.bytes or 0)
+
+
+def decode_conn(elements: Iterable, v6: bool, counts: KernelCounts) -> None:
+    """``conn4/6``: mark . address . port -> new connections (packets)."""
+    alen = 16 if v6 else 4
+    for e in elements:
+        key = e.key
+        sid = sid_of_mark(_U32(key, 0)[0])
+        if sid is None or e.packets is None:
+            continue
+        packed = key[4:4 + alen]
+        port = _PORT(key, 4 + alen)[0]
+        counts.add((sid, (_af(packed), _addr(packed), port)), CONNS, e.packets)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A persistence template: the client network, the real server (rid),
+    and the milliseconds it has left."""
+
+    client: object
+    rid: int
+    expires_ms: int
+
+
+def decode_persist(elements: Iterable, v6: bool) -> list[Template]:
+    """``persist4/6``: client-net . rid (the mark-typed half of the key)."""
+    alen = 16 if v6 else 4
+    out = []
+    for e in elements:
+        packed = e.key[:alen]
+        rid = _U32(e.key, alen)[0]
+        out.append(Template(_addr(packed), rid, e.expiration or 0))
+    return out
+
+
+# ---------------------------------------------------------------- kernel reads
+
+def _nfnl():
+    from ipvs2nft.nft.nfnetlink import Nfnetlink
+
+    return Nfnetlink()
+
+
+def _elements(nfnl, name: str) -> list:
+    from ipvs2nft.netlink import NetlinkError
+
+    try:
+        return nfnl.set_elements(TABLE_FAMILY, TABLE_NAME, name)
+    except NetlinkError:
+        return []  # no table (yet): nothing counted
+
+
+def read_counts(nfnl=None) -> KernelCounts:
+    """Every counter of ``stat4/6`` and ``conn4/6``."""
+    own = nfnl is None
+    nfnl = nfnl or _nfnl()
+    try:
+        counts = KernelCounts()
+        for fam, v6 in (("4", False), ("6", True)):
+            decode_stat(_elements(nfnl, f"stat{fam}"), v6, counts)
+            decode_conn(_elements(nfnl, f"conn{fam}"), v6, counts)
+        return counts
+    finally:
+        if own:
+            nfnl.close()
+
+
+def read_templates(nfnl=None) -> list[Template]:
+    own = nfnl is None
+    nfnl = nfnl or _nfnl()
+    try:
+        return [t for fam, v6 in (("4", False), ("6", True))
+                for t in decode_persist(_elements(nfnl, f"persist{fam}"), v6)]
+    finally:
+        if own:
+            nfnl.close()
+
+
+def read_flows() -> list:
+    """Every conntrack flow one of our services scheduled (kernel-filtered
+    on the mark bit that says "ours")."""
+    from ipvs2nft.conntrack import Conntrack
+
+    with Conntrack() as ct:
+        return ct.dump(CT_MARK_OURS, CT_MARK_OURS)
+
+
+def zero(sids: set[int], nfnl=None) -> None:
+    """``-Z``: the counters of these services start again from zero.
+
+    Element counters cannot be reset on the 6.1 kernels Debian runs
+    (NFT_MSG_GETSETELEM_RESET came with 6.6), so their elements are
+    deleted: the next packet re-creates them with a zero counter."""
+    from ipvs2nft.nft.nfnetlink import Batch
+
+    own = nfnl is None
+    nfnl = nfnl or _nfnl()
+    try:
+        for _ in range(3):  # a concurrent -Z may delete an element first: list again
+            batch = Batch(TABLE_FAMILY, TABLE_NAME)
+            for name in ("stat4", "stat6", "conn4", "conn6"):
+                for e in _elements(nfnl, name):
+                    if sid_of_mark(_U32(e.key, 0)[0]) in sids:
+                        batch.delete(name, e.key)
+            try:
+                nfnl.commit(batch)
+                return
+            except OSError:
+                continue
+    finally:
+        if own:
+            nfnl.close()
+
+
+# ---------------------------------------------------------------- what listings show
+
+# conntrack TCP state -> the state IPVS would show for the same connection
+# (ip_vs_proto_tcp.c: the client's SYN makes it SYN_RECV; conntrack's
+# closing states name the same steps, whichever side closed first)
+TCP_STATE_NAMES = {0: "NONE", 1: "SYN_RECV", 2: "SYN_RECV", 3: "ESTABLISHED", 4: "FIN_WAIT",
+                   5: "CLOSE_WAIT", 6: "LAST_ACK", 7: "TIME_WAIT", 8: "CLOSE", 9: "SYN_RECV"}
+PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
+
+
+class Measured:
+    """listing.Counters over what the kernel (and the daemon) measured.
+
+    ``conntable``: the connection table built from a conntrack dump
+    (ActiveConn/InActConn); ``persist``: templates per rid (PersistConn);
+    ``stats``: per service and real server the five counters and, when the
+    daemon answered, the five rates (``daemon`` rows)."""
+
+    def __init__(self, conntable, persist: dict[int, int], counts: KernelCounts,
+                 daemon: dict | None = None) -> None:
+        self.conntable = conntable
+        self.persist = persist
+        self.counts = counts
+        self.daemon = daemon
+
+    def service(self, svc):
+        from ipvs2nft.listing import Stats
+
+        if self.daemon is not None:
+            row = self.daemon["services"].get(str(svc.sid))
+            return Stats(*row) if row else Stats()
+        return Stats(*self.counts.service(svc.sid))
+
+    def dest(self, svc, dest):
+        from ipvs2nft.listing import Stats
+
+        if self.daemon is not None:
+            row = self.daemon["dests"].get(dest_tag(svc.sid, dest.key))
+            return Stats(*row) if row else Stats()
+        return Stats(*self.counts.dest(svc.sid, dest.key))
+
+    def conns(self, svc, dest):
+        from ipvs2nft.listing import DestConns
+
+        load = self.conntable.counts(svc.key).get(dest.key)
+        active, inactive = (load.active, load.inactive) if load is not None else (0, 0)
+        return DestConns(active, inactive, self.persist.get(dest.rid, 0))
+
+
+def dest_tag(sid: int, key: tuple) -> str:
+    """A JSON-safe name of one real server of one service."""
+    return f"{sid}/{key[0]}/{key[1]}/{key[2]}"
+
+
+def measured(table, daemon_stats: dict | None = None) -> Measured:
+    """Everything the listings need, read from the kernel once."""
+    import time
+
+    from ipvs2nft.conntable import LiveTable
+
+    conntable = LiveTable(table)
+    conntable.resync(read_flows(), time.monotonic())
+    with _nfnl() as nfnl:
+        persist: dict[int, int] = {}
+        for t in read_templates(nfnl):
+            persist[t.rid] = persist.get(t.rid, 0) + 1
+        counts = read_counts(nfnl) if daemon_stats is None else KernelCounts()
+    return Measured(conntable, persist, counts, daemon_stats)
+
+
+def connection_rows(table) -> list:
+    """``-L -c``: every connection of ours and every persistence template,
+    in IPVS's terms."""
+    from ipvs2nft.conntable import LiveTable
+    from ipvs2nft.listing import ConnRow
+
+    conntable = LiveTable(table)
+    rows = []
+    for flow in read_flows():
+        svc = conntable.service_of(flow)
+        if svc is None or flow.reply is None:
+            continue
+        proto = PROTO_NAMES.get(flow.proto, str(flow.proto))
+        if flow.proto == 6:
+            state = TCP_STATE_NAMES.get(flow.tcp_state or 0, "NONE")
+        else:
+            state = proto
+        rows.append(ConnRow(proto, flow.timeout or 0, state,
+                            (_addr(flow.orig.src), flow.orig.sport), (_addr(flow.orig.dst), flow.orig.dport),
+                            (_addr(flow.reply.src), flow.reply.sport), 0 if svc.fwmark else flow.proto))
+    by_rid = {d.rid: (svc, d) for svc in table.services for d in svc.dests}
+    for t in read_templates():
+        found = by_rid.get(t.rid)
+        if found is None:
+            continue
+        svc, dest = found
+        rows.append(template_row(svc, dest, t))
+    return rows
+
+
+def template_row(svc, dest, t: Template, assured: bool = True):
+    """A persistence template as /proc/net/ip_vs_conn shows it
+    (ip_vs_sched_persist, ip_vs_conn_seq_show): client port 0; a fwmark
+    service's has protocol IP, the mark as its virtual address
+    (``{ .ip = htonl(fwmark) }``) and ports 0; FTP and port-0 services
+    have virtual port 0.  ASSURED once a connection it controls was
+    established (NONE before)."""
+    import ipaddress
+
+    from ipvs2nft.listing import ConnRow
+
+    expires = (t.expires_ms + 999) // 1000
+    state = "ASSURED" if assured else "NONE"
+    if svc.fwmark:
+        vaddr = (ipaddress.IPv4Address(svc.fwmark) if svc.af == socket.AF_INET
+                 else ipaddress.IPv6Address(svc.fwmark << 96))
+        return ConnRow("IP", expires, state, (t.client, 0), (vaddr, 0), (dest.addr, 0), 0)
+    vport = 0 if svc.port in (0, 21) else svc.port
+    return ConnRow(PROTO_NAMES.get(svc.protocol, "TCP"), expires, state, (t.client, 0), (svc.addr, vport),
+                   (dest.addr, dest.port), svc.protocol)
