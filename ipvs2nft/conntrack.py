@@ -132,10 +132,11 @@ def addr_text(packed: bytes) -> str:
 class Flow:
     """One conntrack entry (or event) as ctnetlink described it.
 
-    ``timeout`` (seconds left), ``tcp_state`` and the counters are None when
-    the message did not carry them: UPDATE events carry protoinfo only when
-    it changed, counters need ``net.netfilter.nf_conntrack_acct=1`` and are
-    sent in dumps and DESTROY events only (``ctnetlink_conntrack_event``).
+    ``timeout`` (seconds left), ``tcp_state``, ``labels`` and the counters
+    are None when the message did not carry them: events carry protoinfo
+    and labels only when they changed (the NEW event has both), counters
+    need ``net.netfilter.nf_conntrack_acct=1`` and come in dumps and DESTROY
+    events only (``ctnetlink_conntrack_event``; verified on 6.18).
     """
 
     __slots__ = ("id", "family", "orig", "reply", "mark", "timeout", "tcp_state", "status", "zone",
@@ -341,6 +342,8 @@ def _open(groups: Iterable[int] = (), rcvbuf: int | None = None) -> NetlinkSocke
         sock.close()
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
             raise ConntrackUnavailable(f"{_UNAVAILABLE} ({exc.strerror})") from None
+        if exc.errno == errno.EPERM:  # nfnetlink_rcv_msg: every ctnetlink request
+            raise PermissionError(errno.EPERM, "reading conntrack needs CAP_NET_ADMIN") from None
         raise
     except BaseException:
         sock.close()
@@ -407,7 +410,10 @@ class Conntrack:
     def delete_marked(self, mark: int, mask: int = 0xFFFFFFFF, family: int = socket.AF_UNSPEC) -> None:
         """Delete every flow whose ``ct mark & mask == mark`` in one request
         (a filtered flush, ``ctnetlink_flush_conntrack``).  The kernel does
-        not say how many; a dump with the same filter afterwards does."""
+        not say how many; a dump with the same filter afterwards does.
+        A zero ``mask`` would match every flow of the namespace: refused."""
+        if not mask & 0xFFFFFFFF:
+            raise ValueError("delete_marked with mask 0 would flush the whole conntrack table")
         list(self._request(IPCTNL_MSG_CT_DELETE, netlink.NLM_F_ACK, family, _mark_filter(mark, mask)))
 
 
