@@ -191,8 +191,48 @@ _BE64 = struct.Struct(">Q").unpack_from
 _COUNTERS = struct.Struct(">xxxxQxxxxQ").unpack_from  # PACKETS then BYTES, as the kernel emits them
 
 
+def _header_word(length: int, kind: int) -> int:
+    """An nlattr header (host order) read as a big-endian u32."""
+    return int.from_bytes(struct.pack("=HH", length, kind), "big")
+
+
+# The fast path: the kernel writes a tuple with ports as CTA_TUPLE_IP {SRC, DST}
+# then CTA_TUPLE_PROTO {NUM, SRC_PORT, DST_PORT} (ctnetlink_dump_tuples), so an
+# IPv4 tuple is 48 bytes and an IPv6 one 72 of known layout.  One big-endian
+# unpack reads it whole; the nlattr headers in it must match or the general
+# walk below takes over (ICMP, a zone in the tuple, another kernel's layout).
+_V4 = struct.Struct(">I I4s I4s I IB3x IH2x IH2x").unpack_from
+_V6 = struct.Struct(">I I16s I16s I IB3x IH2x IH2x").unpack_from
+
+
+def _tuple_headers(addr: int) -> tuple[int, ...]:
+    nested = netlink.NLA_F_NESTED
+    return (_header_word(4 + 2 * (4 + addr), CTA_TUPLE_IP | nested),
+            _header_word(4 + addr, CTA_IP_V4_SRC if addr == 4 else CTA_IP_V6_SRC),
+            _header_word(4 + addr, CTA_IP_V4_DST if addr == 4 else CTA_IP_V6_DST),
+            _header_word(28, CTA_TUPLE_PROTO | nested), _header_word(5, CTA_PROTO_NUM),
+            _header_word(6, CTA_PROTO_SRC_PORT), _header_word(6, CTA_PROTO_DST_PORT))
+
+
+_V4_HEADERS, _V6_HEADERS = _tuple_headers(4), _tuple_headers(16)
+_new = tuple.__new__  # Tuple(...) without NamedTuple's Python-level __new__
+
+
 def _tuple(data: bytes, pos: int, end: int) -> Tuple:
     """CTA_TUPLE_ORIG/REPLY: nested CTA_TUPLE_IP and CTA_TUPLE_PROTO."""
+    size = end - pos
+    if size == 48:
+        h0, h1, src, h2, dst, h3, h4, proto, h5, sport, h6, dport = _V4(data, pos)
+        if (h0, h1, h2, h3, h4, h5, h6) == _V4_HEADERS:
+            return _new(Tuple, (proto, src, dst, sport, dport))
+    elif size == 72:
+        h0, h1, src, h2, dst, h3, h4, proto, h5, sport, h6, dport = _V6(data, pos)
+        if (h0, h1, h2, h3, h4, h5, h6) == _V6_HEADERS:
+            return _new(Tuple, (proto, src, dst, sport, dport))
+    return _tuple_walk(data, pos, end)
+
+
+def _tuple_walk(data: bytes, pos: int, end: int) -> Tuple:
     proto = sport = dport = 0
     src = dst = b""
     while pos < end:
@@ -246,8 +286,16 @@ def _counters(data: bytes, pos: int, end: int) -> tuple[int, int]:
     return packets, octets
 
 
+_PROTOINFO = struct.Struct("=HHHHB").unpack_from
+
+
 def _tcp_state(data: bytes, pos: int, end: int) -> int | None:
-    """CTA_PROTOINFO -> CTA_PROTOINFO_TCP -> CTA_PROTOINFO_TCP_STATE."""
+    """CTA_PROTOINFO -> CTA_PROTOINFO_TCP -> CTA_PROTOINFO_TCP_STATE (the
+    kernel writes the state first, ctnetlink_dump_protoinfo / tcp_to_nlattr)."""
+    if end - pos >= 9:
+        _, tcp, _, first, state = _PROTOINFO(data, pos)
+        if tcp & 0x3FFF == CTA_PROTOINFO_TCP and first & 0x3FFF == CTA_PROTOINFO_TCP_STATE:
+            return state
     for kind, value in netlink.attrs(data, pos, end):
         if kind == CTA_PROTOINFO_TCP:
             for inner, state in netlink.attrs(value):
@@ -258,38 +306,42 @@ def _tcp_state(data: bytes, pos: int, end: int) -> int | None:
 
 def parse_flow(data: bytes, pos: int, end: int, family: int) -> Flow:
     """The Flow of one ctnetlink message whose attributes are
-    ``data[pos:end]`` (after nlmsghdr and nfgenmsg)."""
+    ``data[pos:end]`` (after nlmsghdr and nfgenmsg).
+
+    The hot loop of dumps and events: attribute numbers are literals here
+    (a module constant costs a global lookup per comparison), in the order
+    the kernel writes them (ctnetlink_fill_info, ctnetlink_conntrack_event)."""
     fid = mark = status = zone = 0
     timeout = state = labels = op = ob = rp = rb = None
     orig = reply = None
+    nla, be32 = _NLA, _BE32
     while pos < end:
-        length, kind = _NLA(data, pos)
+        length, kind = nla(data, pos)
         if length < 4:
             break
         kind &= 0x3FFF
-        value = pos + 4
-        if kind == CTA_TUPLE_ORIG:
-            orig = _tuple(data, value, pos + length)
-        elif kind == CTA_TUPLE_REPLY:
-            reply = _tuple(data, value, pos + length)
-        elif kind == CTA_STATUS:
-            status = _BE32(data, value)[0]
-        elif kind == CTA_MARK:
-            mark = _BE32(data, value)[0]
-        elif kind == CTA_TIMEOUT:
-            timeout = _BE32(data, value)[0]
-        elif kind == CTA_ID:
-            fid = _BE32(data, value)[0]
-        elif kind == CTA_PROTOINFO:
-            state = _tcp_state(data, value, pos + length)
-        elif kind == CTA_COUNTERS_ORIG:
-            op, ob = _counters(data, value, pos + length)
-        elif kind == CTA_COUNTERS_REPLY:
-            rp, rb = _counters(data, value, pos + length)
-        elif kind == CTA_ZONE:
-            zone = _BE16(data, value)[0]
-        elif kind == CTA_LABELS:
-            labels = data[value:pos + length]
+        if kind == 1:  # CTA_TUPLE_ORIG
+            orig = _tuple(data, pos + 4, pos + length)
+        elif kind == 2:  # CTA_TUPLE_REPLY
+            reply = _tuple(data, pos + 4, pos + length)
+        elif kind == 3:  # CTA_STATUS
+            status = be32(data, pos + 4)[0]
+        elif kind == 8:  # CTA_MARK
+            mark = be32(data, pos + 4)[0]
+        elif kind == 12:  # CTA_ID
+            fid = be32(data, pos + 4)[0]
+        elif kind == 7:  # CTA_TIMEOUT
+            timeout = be32(data, pos + 4)[0]
+        elif kind == 4:  # CTA_PROTOINFO
+            state = _tcp_state(data, pos + 4, pos + length)
+        elif kind == 9:  # CTA_COUNTERS_ORIG
+            op, ob = _counters(data, pos + 4, pos + length)
+        elif kind == 10:  # CTA_COUNTERS_REPLY
+            rp, rb = _counters(data, pos + 4, pos + length)
+        elif kind == 18:  # CTA_ZONE
+            zone = _BE16(data, pos + 4)[0]
+        elif kind == 22:  # CTA_LABELS
+            labels = data[pos + 4:pos + length]
         pos += (length + 3) & ~3
     if orig is None:
         orig = Tuple(0, b"", b"", 0, 0)

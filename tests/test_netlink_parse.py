@@ -162,6 +162,21 @@ def test_dump_matches_conntrack_L():
         assert_same_flow(flow, lines[flow.id], exact_timeout=False)
 
 
+def test_fast_tuple_path_agrees_with_the_attribute_walk():
+    """parse_flow reads IPv4/IPv6 tuples with ports in one unpack when their
+    layout is the kernel's usual one; the general walk must read the same."""
+    seen = {4: 0, 16: 0}
+    for name in ("conntrack_dump", "conntrack_events"):
+        for data in datagrams(fixture(name)["datagrams"]):
+            for _, _, _, buf, pos, end in netlink.split(data):
+                for akind, value in netlink.attrs(buf, pos + 4, end):
+                    if akind in (conntrack.CTA_TUPLE_ORIG, conntrack.CTA_TUPLE_REPLY):
+                        fast = conntrack._tuple(value, 0, len(value))
+                        assert fast == conntrack._tuple_walk(value, 0, len(value))
+                        seen[len(fast.src)] += fast.proto in (6, 17)
+    assert seen[4] > 20 and seen[16] >= 12
+
+
 def test_mark_filtered_dump_holds_only_the_masked_marks():
     rec = fixture("conntrack_dump")
     marks = []
