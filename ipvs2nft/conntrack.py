@@ -35,7 +35,16 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ipvs2nft import netlink
-from ipvs2nft.netlink import EventsLost, NetlinkError, NetlinkSocket, attr, attr_be16, attr_be32, nested
+from ipvs2nft.netlink import (
+    EventsLost,
+    NetlinkError,
+    NetlinkSocket,
+    attr,
+    attr_be16,
+    attr_be32,
+    header_word,
+    nested,
+)
 
 __all__ = ["Conntrack", "ConntrackUnavailable", "Event", "Events", "EventsLost", "Flow", "Tuple",
            "TcpState", "addr_text", "flow_tuple"]
@@ -191,11 +200,6 @@ _BE64 = struct.Struct(">Q").unpack_from
 _COUNTERS = struct.Struct(">xxxxQxxxxQ").unpack_from  # PACKETS then BYTES, as the kernel emits them
 
 
-def _header_word(length: int, kind: int) -> int:
-    """An nlattr header (host order) read as a big-endian u32."""
-    return int.from_bytes(struct.pack("=HH", length, kind), "big")
-
-
 # The fast path: the kernel writes a tuple with ports as CTA_TUPLE_IP {SRC, DST}
 # then CTA_TUPLE_PROTO {NUM, SRC_PORT, DST_PORT} (ctnetlink_dump_tuples), so an
 # IPv4 tuple is 48 bytes and an IPv6 one 72 of known layout.  One big-endian
@@ -207,11 +211,11 @@ _V6 = struct.Struct(">I I16s I16s I IB3x IH2x IH2x").unpack_from
 
 def _tuple_headers(addr: int) -> tuple[int, ...]:
     nested = netlink.NLA_F_NESTED
-    return (_header_word(4 + 2 * (4 + addr), CTA_TUPLE_IP | nested),
-            _header_word(4 + addr, CTA_IP_V4_SRC if addr == 4 else CTA_IP_V6_SRC),
-            _header_word(4 + addr, CTA_IP_V4_DST if addr == 4 else CTA_IP_V6_DST),
-            _header_word(28, CTA_TUPLE_PROTO | nested), _header_word(5, CTA_PROTO_NUM),
-            _header_word(6, CTA_PROTO_SRC_PORT), _header_word(6, CTA_PROTO_DST_PORT))
+    return (header_word(4 + 2 * (4 + addr), CTA_TUPLE_IP | nested),
+            header_word(4 + addr, CTA_IP_V4_SRC if addr == 4 else CTA_IP_V6_SRC),
+            header_word(4 + addr, CTA_IP_V4_DST if addr == 4 else CTA_IP_V6_DST),
+            header_word(28, CTA_TUPLE_PROTO | nested), header_word(5, CTA_PROTO_NUM),
+            header_word(6, CTA_PROTO_SRC_PORT), header_word(6, CTA_PROTO_DST_PORT))
 
 
 _V4_HEADERS, _V6_HEADERS = _tuple_headers(4), _tuple_headers(16)

@@ -135,6 +135,13 @@ def attrs(data: bytes, pos: int = 0, end: int | None = None) -> Iterator[tuple[i
         pos += (length + 3) & ~3
 
 
+def header_word(length: int, kind: int) -> int:
+    """An nlattr header (host order) read as a big-endian u32: the parsers'
+    fast paths unpack a known layout big-endian in one call and compare its
+    headers with these."""
+    return int.from_bytes(_NLATTR.pack(length, kind), "big")
+
+
 def text(value: bytes) -> str:
     """A string attribute's value without its NUL."""
     return value.split(b"\0", 1)[0].decode(errors="replace")

@@ -347,6 +347,23 @@ def test_timeouts_match_nft():
     assert abs(element.expiration / 1000 - item["elem"]["expires"]) <= 1
 
 
+def test_fast_counter_path_agrees_with_the_attribute_walk():
+    checked = 0
+    for name in ("bestat", "svc"):
+        for data in datagrams(fixture("set_elements")["sets"][name]["datagrams"]):
+            for _, _, _, buf, pos, end in netlink.split(data):
+                for kind, elements in netlink.attrs(buf, pos + 4, end):
+                    if kind != nfnetlink.NFTA_SET_ELEM_LIST_ELEMENTS:
+                        continue
+                    for _, element in netlink.attrs(elements):
+                        for akind, expr in netlink.attrs(element):
+                            if akind == nfnetlink.NFTA_SET_ELEM_EXPR:
+                                slow = nfnetlink._counter(expr, 0, len(expr))
+                                assert nfnetlink._counter_fast(expr, 0, len(expr)) == slow
+                                checked += slow is not None
+    assert checked == 11
+
+
 def test_split_and_join_key():
     key = join_key(socket.inet_aton("10.0.0.1"), b"\x06", b"\x00\x50")
     assert key == bytes.fromhex("0a000001" "06000000" "00500000")

@@ -40,6 +40,7 @@ from ipvs2nft.netlink import (
     attr_be64,
     attr_str,
     attrs,
+    header_word,
     nested,
     text,
 )
@@ -223,36 +224,63 @@ def _counter(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
     return (packets, octets) if name.rstrip(b"\0") == b"counter" else None
 
 
+# The fast path for an element's counter: nft_expr_dump writes NFTA_EXPR_NAME
+# "counter" and NFTA_EXPR_DATA {BYTES, PACKETS} (nft_counter_do_dump), 40
+# bytes in all; one big-endian unpack reads it when the headers match.
+_COUNTER = struct.Struct(">I8sIIQIQ").unpack_from
+_COUNTER_HEADERS = (header_word(12, NFTA_EXPR_NAME), b"counter\0", header_word(28, NFTA_EXPR_DATA),
+                    header_word(12, NFTA_COUNTER_BYTES), header_word(12, NFTA_COUNTER_PACKETS))
+_NOT_NESTED = ~header_word(0, netlink.NLA_F_NESTED) & 0xFFFFFFFF  # with or without the flag
+
+
+def _counter_fast(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    if end - pos == 40:
+        h0, name, h1, h2, octets, h3, packets = _COUNTER(data, pos)
+        if (h0, name, h1 & _NOT_NESTED, h2, h3) == _COUNTER_HEADERS:
+            return packets, octets
+    return _counter(data, pos, end)
+
+
 def parse_element(data: bytes, pos: int, end: int) -> Element:
-    """One NFTA_LIST_ELEM's attributes (``data[pos:end]``)."""
+    """One NFTA_LIST_ELEM's attributes (``data[pos:end]``).  Attribute
+    numbers are literals in this hot loop (nf_tables_fill_setelem order)."""
     key = b""
     value = verdict = chain = timeout = expiration = key_end = objref = None
     flags = 0
     counted = None
+    nla = _NLA
     while pos < end:
-        length, kind = _NLA(data, pos)
+        length, kind = nla(data, pos)
         if length < 4:
             break
         kind &= 0x3FFF
         inner, stop = pos + 4, pos + length
-        if kind == NFTA_SET_ELEM_KEY:
-            key = _data(data, inner, stop)[0] or b""
-        elif kind == NFTA_SET_ELEM_DATA:
+        if kind == 1:  # NFTA_SET_ELEM_KEY: nft_data, a single NFTA_DATA_VALUE
+            vlen, vkind = nla(data, inner)
+            if vkind & 0x3FFF == 1:
+                key = data[inner + 4:inner + vlen]
+            else:
+                key = _data(data, inner, stop)[0] or b""
+        elif kind == 2:  # NFTA_SET_ELEM_DATA
             value, verdict, chain = _data(data, inner, stop)
-        elif kind == NFTA_SET_ELEM_EXPR:
-            counted = _counter(data, inner, stop) or counted
-        elif kind == NFTA_SET_ELEM_EXPRESSIONS:
-            for _, expr in attrs(data, inner, stop):
-                counted = _counter(expr, 0, len(expr)) or counted
-        elif kind == NFTA_SET_ELEM_FLAGS:
+        elif kind == 7:  # NFTA_SET_ELEM_EXPR
+            counted = _counter_fast(data, inner, stop) or counted
+        elif kind == 11:  # NFTA_SET_ELEM_EXPRESSIONS
+            while inner < stop:
+                elen, _ = nla(data, inner)
+                if elen < 4:
+                    break
+                counted = _counter_fast(data, inner + 4, inner + elen) or counted
+                inner += (elen + 3) & ~3
+        elif kind == 3:  # NFTA_SET_ELEM_FLAGS
             flags = _BE32(data, inner)[0]
-        elif kind == NFTA_SET_ELEM_TIMEOUT:
+        elif kind == 4:  # NFTA_SET_ELEM_TIMEOUT
             timeout = _BE64(data, inner)[0]
-        elif kind == NFTA_SET_ELEM_EXPIRATION:
+        elif kind == 5:  # NFTA_SET_ELEM_EXPIRATION
             expiration = _BE64(data, inner)[0]
-        elif kind == NFTA_SET_ELEM_KEY_END:
+        elif kind == 10:  # NFTA_SET_ELEM_KEY_END
             key_end = _data(data, inner, stop)[0]
-        elif kind == NFTA_SET_ELEM_OBJREF:
+        elif kind == 9:  # NFTA_SET_ELEM_OBJREF
             objref = text(data[inner:stop])
         pos += (length + 3) & ~3
     packets, octets = counted if counted else (None, None)
