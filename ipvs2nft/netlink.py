@@ -259,6 +259,9 @@ class NetlinkSocket:
                 if mkind == NLMSG_DONE:
                     if interrupted:
                         raise DumpInterrupted()
+                    code = error_code(msg) if msg[5] - msg[4] >= 4 else 0
+                    if code > 0:  # a dump that failed part-way says so here (netlink_dump_done)
+                        raise NetlinkError(code)
                     return
                 if mkind == NLMSG_ERROR:
                     code = error_code(msg)

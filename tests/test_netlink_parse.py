@@ -473,3 +473,56 @@ def test_empty_batch_sends_nothing():
     nl = object.__new__(nfnetlink.Nfnetlink)
     nl._nl = None  # would fail if used
     assert nl.commit(Batch()) is None
+
+
+# ---------------------------------------------------------------- the socket's request loop
+
+class _ScriptedKernel:
+    """Stands in for the socket: answers each send with datagrams built by
+    ``script(seq)``."""
+
+    def __init__(self, script) -> None:
+        self.script, self.queue = script, []
+
+    def send(self, data: bytes) -> None:
+        seq = netlink.HEADER.unpack_from(data)[3]
+        self.queue.extend(self.script(seq))
+
+    def recv(self, size: int) -> bytes:
+        return self.queue.pop(0)
+
+
+def _answer(kind: int, seq: int, flags: int = netlink.NLM_F_MULTI, payload: bytes = b"\x02\0\0\0") -> bytes:
+    return netlink.HEADER.pack(16 + len(payload), kind, flags, seq, 0) + payload
+
+
+def _scripted(script) -> netlink.NetlinkSocket:
+    sock = object.__new__(netlink.NetlinkSocket)
+    sock._sock, sock._seq = _ScriptedKernel(script), 0
+    return sock
+
+
+def test_request_skips_stale_answers_and_ends_at_done():
+    sock = _scripted(lambda seq: [_answer(0x101, seq - 1) + _answer(0x101, seq), _answer(0x101, seq)
+                                  + _answer(netlink.NLMSG_DONE, seq, payload=b"\0\0\0\0")])
+    got = list(sock.request(0x101, netlink.NLM_F_DUMP, 0))
+    assert [m[2] for m in got] == [1, 1] and sock.next_seq() == 2
+
+
+def test_request_errors():
+    eintr = struct.pack("=i", -errno.EINTR)
+    failed = _scripted(lambda seq: [_answer(netlink.NLMSG_DONE, seq, payload=eintr)])
+    with pytest.raises(netlink.NetlinkError) as done_error:
+        list(failed.request(0x101, netlink.NLM_F_DUMP, 0))
+    assert done_error.value.errno == errno.EINTR and not isinstance(done_error.value, netlink.DumpInterrupted)
+    interrupted = _scripted(lambda seq: [_answer(0x101, seq, netlink.NLM_F_MULTI | netlink.NLM_F_DUMP_INTR),
+                                         _answer(netlink.NLMSG_DONE, seq, payload=b"\0\0\0\0")])
+    with pytest.raises(netlink.DumpInterrupted):
+        list(interrupted.request(0x101, netlink.NLM_F_DUMP, 0))
+    enoent = struct.pack("=i", -errno.ENOENT)
+    refused = _scripted(lambda seq: [_answer(netlink.NLMSG_ERROR, seq, payload=enoent)])
+    with pytest.raises(netlink.NetlinkError) as error:
+        list(refused.request(0x101, 0, 0))
+    assert error.value.errno == errno.ENOENT
+    acked = _scripted(lambda seq: [_answer(netlink.NLMSG_ERROR, seq, payload=b"\0\0\0\0")])
+    assert list(acked.request(0x101, netlink.NLM_F_ACK, 0)) == []
