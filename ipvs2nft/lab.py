@@ -17,12 +17,15 @@ between these namespaces.  Used by ``make demo``, the traffic tests and
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,3 +292,31 @@ class LabSession:
 def unique_prefix(tag: str = "i2n") -> str:
     """Short (interface and namespace names are limited) and unique per run."""
     return f"{tag}{os.getpid() % 100000}{int(time.monotonic() * 1000) % 10000}"
+
+
+_CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+
+
+@contextlib.contextmanager
+def inside(namespace: str) -> Iterator[None]:
+    """Run the calling thread in network namespace ``namespace`` (an
+    ``ip netns`` name) until the block ends: sockets opened inside stay in
+    that namespace afterwards.  setns(2) through libc, since os.setns
+    arrived only in Python 3.12."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"setns {namespace}: {os.strerror(code)}")
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot return to the original network namespace")
+    finally:
+        os.close(own)
