@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "script that loads them into table inet ipvs2nft.")
     tr.add_argument("file", nargs="?", default="-", metavar="FILE",
                     help="ipvsadm command lines, as ipvsadm-save writes them (default: stdin)")
-    tr.add_argument("--from", dest="source", choices=("ipvsadm", "iptables"), default="ipvsadm",
-                    help="input language (default ipvsadm)")
-    tr.add_argument("--to", dest="target", choices=("nft", "ipvsadm"), default="nft",
-                    help="output: an nft script (default) or, for --from iptables, ipvsadm "
-                         "commands for the lifted services")
+    tr.add_argument("--from", dest="source", choices=("ipvsadm", "iptables", "keepalived"),
+                    default="ipvsadm",
+                    help="input language (default ipvsadm); keepalived: the virtual_server part of a "
+                         "keepalived.conf, as keepalived sets it up at start")
+    tr.add_argument("--to", dest="target", choices=("nft", "ipvsadm"), default=None,
+                    help="output: an nft script (the default, except for --from keepalived) or ipvsadm "
+                         "commands: the lifted services of --from iptables, the ipvsadm -S -n form of "
+                         "--from keepalived (its default)")
     tr.add_argument("--strict", action="store_true",
                     help="fail instead of warning when a feature is only approximated")
     sn = sub.add_parser("snat", help="source-NAT balanced connections (one-arm setups)",
@@ -63,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the ruleset keeps forwarding with the last choices.")
     dm.add_argument("--resync", type=float, default=10.0, metavar="SECONDS",
                     help="full conntrack dump every SECONDS (events are only hints; default 10)")
+    dm.add_argument("--keepalived", metavar="FILE",
+                    help="also run the virtual_server part of keepalived's configuration FILE: its "
+                         "services, health checkers, quorum and sorry servers, notify scripts, and "
+                         "ipvs2nft's feedback weights (least response time, least CPU load over SNMP); "
+                         "VRRP stays with `keepalived --vrrp`")
     return ap
 
 
@@ -141,6 +149,11 @@ def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[str]]:
 
 
 def cmd_translate(args) -> int:
+    if args.source == "keepalived":
+        from ipvs2nft.keepalived.translate import translate as translate_keepalived
+
+        return translate_keepalived(args.file, args.target or "ipvsadm",
+                                    lambda table: render_nft(table, [], args.strict))
     try:
         data = _read(args.file)
     except OSError as exc:
@@ -149,14 +162,20 @@ def cmd_translate(args) -> int:
     if args.source == "iptables":
         from ipvs2nft.iptables.translate import translate as translate_iptables
 
-        return translate_iptables(data, strict=args.strict, target=args.target)
-    if args.target != "nft":
-        sys.stderr.write("ipvs2nft: --to ipvsadm is for --from iptables input\n")
+        return translate_iptables(data, strict=args.strict, target=args.target or "nft")
+    if args.target not in (None, "nft"):
+        sys.stderr.write("ipvs2nft: --to ipvsadm is for --from iptables and --from keepalived input\n")
         return 2
     table, errors, warnings = translate_ipvsadm(data)
     if errors:
         sys.stderr.write("".join(f"ipvs2nft: {e}\n" for e in errors))
         return 2
+    return render_nft(table, warnings, args.strict)
+
+
+def render_nft(table: Table, warnings: list[str], strict: bool) -> int:
+    """Print the nft script for a table built in memory (warnings to stderr;
+    3 with --strict when something is approximated)."""
     # ids as the store would give them, without a store
     prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
     script = build.full(prepared.table, generation=1)
@@ -167,7 +186,7 @@ def cmd_translate(args) -> int:
                         + "; ".join(tunnels.script_lines(devices)))
     for w in warnings:
         sys.stderr.write(f"ipvs2nft: warning: {w}\n")
-    if args.strict and script.warnings:
+    if strict and script.warnings:
         return 3
     sys.stdout.write(script.text())
     return 0

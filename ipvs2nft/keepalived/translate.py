@@ -1,0 +1,65 @@
+"""``ipvs2nft translate --from keepalived FILE``: the table keepalived would set
+up at start, without a kernel.
+
+At start keepalived puts every real server whose checkers are not in
+``alpha`` mode into its service (init_service_rs(), ipwrapper.c): they
+count as up until a check says otherwise; alpha servers wait for their
+first good check, and a sorry server stands in when the quorum is not
+met.  That start state is what this prints, as ``ipvsadm -S -n`` lines
+(default) or as the nft script (``--to nft``).  The health checks
+themselves need ``ipvs2nft daemon --keepalived``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ipvs2nft.health.state import VirtualServerState
+from ipvs2nft.keepalived import mapping
+from ipvs2nft.keepalived.config import Configuration
+from ipvs2nft.keepalived.lexer import ConfigError
+from ipvs2nft.model import Table
+
+
+def start_table(cfg: Configuration) -> Table:
+    """The services and real servers right after keepalived's init_services()."""
+    table = Table()
+    for vs in cfg.virtual_servers:
+        state = VirtualServerState.build(vs)
+        state.start()
+        table = mapping.reconcile(table, vs, state.image)
+    return table
+
+
+def load(path: str):
+    """(configuration, None) or (None, error line)."""
+    from ipvs2nft.keepalived.parse import load as parse_file
+
+    try:
+        return parse_file(path), None
+    except ConfigError as exc:
+        return None, str(exc)
+
+
+def report(cfg: Configuration) -> None:
+    for note in cfg.notes:
+        sys.stderr.write(f"ipvs2nft: note: {note}\n")
+    for warning in cfg.warnings:
+        sys.stderr.write(f"ipvs2nft: warning: {warning}\n")
+
+
+def translate(path: str, target: str, render_nft) -> int:
+    """Exit status: 0, or 2 when the configuration is refused (one line, with
+    file and line number, nothing on stdout)."""
+    from ipvs2nft.listing import save
+
+    cfg, error = load(path)
+    if cfg is None:
+        sys.stderr.write(f"ipvs2nft: {error}\n")
+        return 2
+    report(cfg)
+    table = start_table(cfg)
+    if target == "ipvsadm":
+        sys.stdout.write(save(table, numeric=True))
+        return 0
+    return render_nft(table)
