@@ -50,7 +50,8 @@ def test_samples_cover_every_checker_kind():
         if (FIXTURES / f"{name}.ipvsadm").exists():
             cfg = loads((FIXTURES / f"{name}.conf").read_text())
             kinds |= {c.kind for vs in cfg.virtual_servers for rs in vs.real_servers for c in rs.checkers}
-    assert kinds == {"HTTP_GET", "SSL_GET", "TCP_CHECK", "MISC_CHECK", "SMTP_CHECK", "UDP_CHECK", "PING_CHECK"}
+    assert kinds == {"HTTP_GET", "SSL_GET", "TCP_CHECK", "MISC_CHECK", "SMTP_CHECK", "UDP_CHECK",
+                     "PING_CHECK"}
 
 
 def test_nft_output_of_a_sample():
@@ -147,15 +148,19 @@ def test_reader_errors_name_the_line(text, message):
                                      "have port."),
     ("    frobnicate", "", "(keepalived.conf: Line 5) Unknown keyword 'frobnicate'"),
     ("    ha_suspend", "", "(keepalived.conf: Line 5) ha_suspend is not supported by ipvs2nft"),
-    ("", "        weight -1", "(keepalived.conf: Line 7) Real server weight -1 is outside range 0-2147483647"),
+    ("", "        weight -1",
+     "(keepalived.conf: Line 7) Real server weight -1 is outside range 0-2147483647"),
     ("", "        TCP_CHECK {\n            connect_port 0\n        }",
      "(keepalived.conf: Line 8) Invalid checker connect_port '0'"),
-    ("", "        HTTP_GET {\n        }", "(keepalived.conf: Line 7) HTTP/SSL_GET checker has no urls specified "
+    ("", "        HTTP_GET {\n        }",
+     "(keepalived.conf: Line 7) HTTP/SSL_GET checker has no urls specified "
                                           "- ignoring"),
     ("", "        HTTP_GET {\n            url {\n                status_code 99\n            }\n        }",
      "(keepalived.conf: Line 9) Invalid HTTP_GET status code '99'"),
-    ("", "        BFD_CHECK {\n        }", "(keepalived.conf: Line 7) BFD_CHECK needs keepalived's BFD process"),
-    ("", "        FILE_CHECK {\n        }", "(keepalived.conf: Line 7) FILE_CHECK (track_file) is not supported "
+    ("", "        BFD_CHECK {\n        }",
+     "(keepalived.conf: Line 7) BFD_CHECK needs keepalived's BFD process"),
+    ("", "        FILE_CHECK {\n        }",
+     "(keepalived.conf: Line 7) FILE_CHECK (track_file) is not supported "
                                             "by ipvs2nft"),
     ("", "        MISC_CHECK {\n        }", "(keepalived.conf: Line 7) Misc check with no script specified "
                                             "- ignoring"),
@@ -202,7 +207,8 @@ def test_defaults_flow_from_virtual_to_real_server_to_checker():
 
 
 def test_checker_defaults_without_overrides():
-    vs = vs_with("", "        HTTP_GET {\n            url {\n                path /\n            }\n        }\n"
+    vs = vs_with("", "        HTTP_GET {\n            url {\n                path /\n            }\n"
+                     "        }\n"
                      "        DNS_CHECK {\n        }\n        MISC_CHECK {\n            misc_path /bin/true\n"
                      "        }")
     http, dns, misc = vs.real_servers[0].checkers
@@ -230,7 +236,8 @@ def test_group_ranges_and_fwmarks():
     keys = service_keys(cfg.virtual_servers[0])
     assert [(str(k.addr), k.port, k.fwmark) for k in keys] == [
         ("192.168.0.40", 80, 0), ("192.168.0.41", 80, 0), ("192.168.0.42", 80, 0),
-        ("192.168.0.48", 443, 0), ("192.168.0.49", 443, 0), ("192.168.0.50", 443, 0), ("192.168.0.51", 443, 0),
+        ("192.168.0.48", 443, 0), ("192.168.0.49", 443, 0), ("192.168.0.50", 443, 0),
+        ("192.168.0.51", 443, 0),
         ("None", 0, 7)]
 
 
@@ -253,7 +260,8 @@ def test_vrrp_and_global_sections_are_one_note_each():
 def test_feedback_extension_syntax():
     vs = vs_with("    ipvs2nft_feedback load {\n        interval 2\n        smoothing 0.5\n"
                  "        deadband 20\n    }",
-                 "        ipvs2nft_snmp {\n            community lab\n            oid hrProcessorLoad\n        }")
+                 "        ipvs2nft_snmp {\n            community lab\n"
+                 "            oid hrProcessorLoad\n        }")
     assert (vs.feedback.method, vs.feedback.interval, vs.feedback.smoothing, vs.feedback.deadband) == \
         ("load", 2.0, 0.5, 20.0)
     snmp = vs.real_servers[0].snmp
