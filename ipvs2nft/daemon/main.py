@@ -409,7 +409,12 @@ def main(args) -> int:
     if not may_administer_network():
         _log("Permission denied (you must be root)")
         return 2
-    daemon = Daemon(Store(), resync_every=getattr(args, "resync", RESYNC_EVERY))
+    extensions = []
+    if getattr(args, "keepalived", None):
+        from ipvs2nft.health.extension import KeepalivedExtension
+
+        extensions.append(KeepalivedExtension(args.keepalived))
+    daemon = Daemon(Store(), resync_every=getattr(args, "resync", RESYNC_EVERY), extensions=extensions)
     try:
         return asyncio.run(daemon.run())
     except DaemonError as exc:
