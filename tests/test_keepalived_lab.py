@@ -150,7 +150,8 @@ def real(i: int, checker: str, extra: str = "", port: int = 80) -> str:
 
 TCP = "TCP_CHECK {\n            connect_timeout 1\n        }"
 HTTP = ("HTTP_GET {\n            connect_port 8000\n            connect_timeout 1\n"
-        "            url {\n                path /health\n                status_code 200\n            }\n        }")
+        "            url {\n                path /health\n                status_code 200\n"
+        "            }\n        }")
 
 
 def answered(lab, count: int = 6) -> set:
@@ -220,15 +221,16 @@ def test_misc_check_killed_at_misc_timeout_counts_as_a_failure(lab, tmp_path):
     script = tmp_path / "slow.sh"
     script.write_text("#!/bin/sh\nsleep 30\n")
     script.chmod(0o755)
-    servers = real(0, f"MISC_CHECK {{\n            misc_path {script}\n            misc_timeout 1\n        }}") + \
-        real(1, TCP)
+    misc = f"MISC_CHECK {{\n            misc_path {script}\n            misc_timeout 1\n        }}"
+    servers = real(0, misc) + real(1, TCP)
     lab.daemon("--keepalived", conf(tmp_path, servers))
     assert until_weights(lab, {rs4(1): 1}) == {rs4(1): 1}
 
 
 def test_smtp_dns_udp_and_ping_checks(lab, tmp_path):
     smtp = "SMTP_CHECK {\n            connect_port 2525\n            connect_timeout 1\n        }"
-    dns = "DNS_CHECK {\n            connect_port 5353\n            connect_timeout 1\n            retry 0\n        }"
+    dns = ("DNS_CHECK {\n            connect_port 5353\n            connect_timeout 1\n"
+           "            retry 0\n        }")
     udp = "UDP_CHECK {\n            connect_port 53\n            connect_timeout 1\n        }"
     ping = "PING_CHECK {\n            connect_timeout 1\n        }"
     path = conf(tmp_path, real(0, smtp) + real(1, dns) + real(2, udp + "\n        " + ping))
