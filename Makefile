@@ -5,7 +5,8 @@
 PYTHON   ?= /usr/bin/python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps
+# snmpd and snmp (net-snmp's agent and tools): the SNMP feedback-weight tests run a real agent.
+APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps snmpd snmp
 STAMP    := $(VENV)/.setup-stamp
 # CI and `make test` run everything; PYTEST_ARGS narrows it (e.g. -m "not netns").
 PYTEST_ARGS ?=
@@ -22,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml
 	fi
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(VPY) -m pip install -q --config-settings editable_mode=compat -e '.[test,docs]'
+	$(VPY) -m pip install -q --config-settings editable_mode=compat -e '.[test,docs,snmp]'
 	$(VPY) -c 'import nftables' || { echo "python3-nftables is not importable from $(VENV)"; exit 1; }
 	touch $(STAMP)
 

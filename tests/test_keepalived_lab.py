@@ -346,3 +346,61 @@ def test_least_response_feedback_weights(lab, tmp_path):
     control(lab, 0, "delay", "0")
     fast = wait_for(lambda: (w := weights(lab)) and min(w.values()) >= 50 and w)
     assert fast, weights(lab)
+
+
+LA_LOAD = ".1.3.6.1.4.1.2021.10.1.3.1"  # UCD-SNMP-MIB::laLoad.1
+HR_PROCESSOR_LOAD = ".1.3.6.1.2.1.25.3.3.1.2"  # HOST-RESOURCES-MIB::hrProcessorLoad, indexed from 196608
+
+
+def snmpd(lab, i: int, where: Path, overrides: dict[str, str]) -> subprocess.Popen:
+    """Debian's snmpd in real server i's namespace, answering community "lab"
+    from the lab's network, with ``override`` values (net-snmp's way to
+    pin what an OID says)."""
+    state = where / "snmp"
+    state.mkdir(exist_ok=True)
+    lines = ["agentAddress udp:161", "rocommunity lab 192.168.100.0/24"]
+    lines += [f"override {oid} {value}" for oid, value in overrides.items()]
+    (where / "snmpd.conf").write_text("\n".join(lines) + "\n")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.rs(i), "env", f"SNMP_PERSISTENT_DIR={state}", "MIBS=",
+                          "/usr/sbin/snmpd", "-f", "-Lf", "/dev/null", "-C", "-c", str(where / "snmpd.conf")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.procs.append(p)
+    ok = wait_for(lambda: lab.ns(lab.director, "snmpget", "-v2c", "-clab", "-t1", "-r0", rs4(i), LA_LOAD
+                                 if LA_LOAD in overrides else HR_PROCESSOR_LOAD + ".196608",
+                                 check=False).returncode == 0)
+    assert ok, f"snmpd in {lab.rs(i)} does not answer"
+    return p
+
+
+def hr_rows(percent: int) -> dict[str, str]:
+    import os
+
+    return {f"{HR_PROCESSOR_LOAD}.{196608 + cpu}": f"integer {percent}" for cpu in range(os.cpu_count())}
+
+
+def test_least_cpu_load_feedback_from_a_real_snmpd(lab, tmp_path):
+    """rs0 reports laLoad 0.20 (capacity 1: 80 % idle), rs1 hrProcessorLoad
+    80 % (20 % idle): weights 100 and 25; with the loads swapped, 25 and 100."""
+    if not Path("/usr/sbin/snmpd").exists():
+        pytest.skip("needs snmpd (make setup installs it)")
+    head = "    ipvs2nft_feedback load {\n        interval 1\n        smoothing 1\n    }"
+    snmp0 = "        ipvs2nft_snmp {\n            community lab\n        }"
+    snmp1 = "        ipvs2nft_snmp {\n            community lab\n            oid hrProcessorLoad\n        }"
+    servers = real(0, TCP, "        weight 100\n" + snmp0) + real(1, TCP, "        weight 100\n" + snmp1)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    agents = [snmpd(lab, 0, tmp_path / "a", {LA_LOAD: 'octet_str "0.20"'}),
+              snmpd(lab, 1, tmp_path / "b", hr_rows(80))]
+    try:
+        lab.daemon("--keepalived", conf(tmp_path, servers, head))
+        assert until_weights(lab, {rs4(0): 100, rs4(1): 25}) == {rs4(0): 100, rs4(1): 25}
+        for agent in agents:
+            agent.terminate()
+            agent.wait()
+        agents = [snmpd(lab, 0, tmp_path / "a", {LA_LOAD: 'octet_str "0.80"'}),
+                  snmpd(lab, 1, tmp_path / "b", hr_rows(20))]
+        assert until_weights(lab, {rs4(0): 25, rs4(1): 100}) == {rs4(0): 25, rs4(1): 100}
+    finally:
+        for agent in agents:
+            agent.terminate()
+            agent.wait()
