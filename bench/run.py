@@ -5,7 +5,8 @@
 2. ipvsadm-restore of a whole table against iptables-legacy-restore;
 3. one ``ipvsadm -a`` against a bare ``nft add element``, at 1 and 10,000 services;
 4. ``ipvsadm -L -n`` / ``-S -n`` at 10,000 services;
-5. start-up against ``python3 -c pass``.
+5. start-up against ``python3 -c pass``;
+6. keepalived health checks: 1,000 real servers checked every second (bench/health.py).
 
 The machines are shared and noisy, so A and B are always measured in the
 same rounds, interleaved, and the report gives medians with their spread;
@@ -36,13 +37,14 @@ import benchlab
 import control
 import dataplane
 import evidence
+import health
 import report
 import traffic
 from report import Goal, bound_goal, fmt_series, ratio_goal
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PHASES = ("dataplane", "restore", "add", "listing", "startup")
+PHASES = ("dataplane", "restore", "add", "listing", "startup", "health")
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,13 @@ class Plan:
     list_size: int = 10000
     list_rounds: int = 7
     startup_rounds: int = 15
+    health_servers: int = 1000
+    health_secs: float = 20.0
 
 
 QUICK = Plan(sizes=(1, 1000), secs=0.5, dp_rounds=2, restore_sizes=(100, 1000), restore_rounds=2,
-             add_sizes=(1, 1000), add_rounds=3, list_size=1000, list_rounds=3, startup_rounds=5)
+             add_sizes=(1, 1000), add_rounds=3, list_size=1000, list_rounds=3, startup_rounds=5,
+             health_servers=200, health_secs=5.0)
 
 
 @dataclass
@@ -321,6 +326,23 @@ def phase_startup(plan: Plan, workdir: Path, res: Results, netload: list[str]) -
     _section(res, "## 5. Start-up", series, note)
 
 
+def phase_health(plan: Plan, workdir: Path, res: Results, netload: list[str]) -> None:
+    n = plan.health_servers
+    log(f"health: {n} real servers checked every second for {plan.health_secs:g} s")
+    r = health.measure(workdir, n, plan.health_secs)
+    goals = [Goal(6, f"health checks: p99 lateness of a probe's start, {k(n)} real servers every 1 s",
+                  r.p99_late, 0.2, unit="s"),
+             Goal(6, f"health checks: planned ÷ done probes, {k(n)} real servers every 1 s",
+                  n * r.seconds / max(r.probes, 1), 1.01),
+             Goal(6, "health checks: no drift (median lateness, second half − first half of the run)",
+                  r.late_second_half - r.late_first_half, 0.01, unit="s")]
+    res.goals += goals
+    res.sections += ["## 6. Health checks (keepalived's TCP_CHECK)", "", health.describe(r) + ".", "",
+                     health.__doc__.split("\n\n", 1)[1].strip(), ""]
+    res.console.append(health.describe(r))
+    res.raw.append(f"- health: {health.describe(r)}")
+
+
 # ---------------------------------------------------------------- output
 
 def command_line(argv: list[str]) -> str:
@@ -355,7 +377,7 @@ def write(res: Results, out: Path, argv: list[str], started: float, when: str) -
 
 
 RUN = {"dataplane": phase_dataplane, "restore": phase_restore, "add": phase_add, "listing": phase_listing,
-       "startup": phase_startup}
+       "startup": phase_startup, "health": phase_health}
 
 
 def _interrupted(signum: int, frame: object) -> None:
