@@ -80,8 +80,8 @@ def build(stack: ExitStack, workdir: Path, servers: int) -> Lab:
     lab.build()
     stack.callback(lab.close)
     last = FIRST_PORT + servers - 1
-    lab.ns(lab.rs(0), "nft", "add table ip h; add chain ip h pre { type nat hook prerouting priority -100; }; "
-                             f"add rule ip h pre tcp dport {FIRST_PORT + 1}-{last} redirect to :{FIRST_PORT}")
+    lab.ns(lab.rs(0), "nft", "add table ip h; add chain ip h pre { type nat hook prerouting priority -100; };"
+                             f" add rule ip h pre tcp dport {FIRST_PORT + 1}-{last} redirect to :{FIRST_PORT}")
     lab.ns(lab.rs(0), "sysctl", "-qw", "net.core.somaxconn=4096")
     p = subprocess.Popen(["ip", "netns", "exec", lab.rs(0), sys.executable, "-c", ACCEPTOR],
                          stdout=subprocess.PIPE, text=True)
