@@ -32,16 +32,16 @@ from ipvs2nft.lab import Lab, inside, rs4, unique_prefix
 FIRST_PORT = 20000
 PER_VS = 100
 
-ACCEPTOR = """
+ACCEPTOR = f"""
 import asyncio
 async def main():
     async def take(r, w):
         w.close()
-    server = await asyncio.start_server(take, "0.0.0.0", %d, backlog=4096)
+    server = await asyncio.start_server(take, "0.0.0.0", {FIRST_PORT}, backlog=4096)
     print("ready", flush=True)
     await server.serve_forever()
 asyncio.run(main())
-""" % FIRST_PORT
+"""
 
 
 @dataclass
@@ -80,8 +80,9 @@ def build(stack: ExitStack, workdir: Path, servers: int) -> Lab:
     lab.build()
     stack.callback(lab.close)
     last = FIRST_PORT + servers - 1
+    rule = f"tcp dport {FIRST_PORT + 1}-{last} redirect to :{FIRST_PORT}"
     lab.ns(lab.rs(0), "nft", "add table ip h; add chain ip h pre { type nat hook prerouting priority -100; };"
-                             f" add rule ip h pre tcp dport {FIRST_PORT + 1}-{last} redirect to :{FIRST_PORT}")
+                             f" add rule ip h pre {rule}")
     lab.ns(lab.rs(0), "sysctl", "-qw", "net.core.somaxconn=4096")
     p = subprocess.Popen(["ip", "netns", "exec", lab.rs(0), sys.executable, "-c", ACCEPTOR],
                          stdout=subprocess.PIPE, text=True)
