@@ -7,6 +7,11 @@ and needs no locks.  Start-up order matters (daemon.md §0): subscribe to
 events first, then dump, so that no connection falls between the two; a
 flow created before any listener existed never sends an event, which is
 why counts always come from a dump first.
+
+Extensions share the loop: ``--keepalived FILE`` adds
+``ipvs2nft/health/extension.py`` (keepalived's virtual servers, health
+checks and feedback weights; ``ipvs2nft/keepalived/`` reads the file), whose
+table changes go through ``Daemon.mutate``.
 """
 
 from __future__ import annotations
