@@ -23,7 +23,8 @@ TCP = "TCP_CHECK {\n retry 2\n delay_before_retry 0.5\n}"
 def state(body: str = "", rs: str = "", checker: str = TCP,
           servers: tuple[str, ...] = (A, B)) -> VirtualServerState:
     text = ("virtual_server 192.168.0.40 80 {\n delay_loop 3\n lb_algo rr\n lb_kind NAT\n protocol TCP\n"
-            + body + "\n" + "".join(f" real_server {s} 80 {{\n  weight 2\n{rs}\n  {checker}\n }}\n" for s in servers) + "}\n")
+            + body + "\n"
+            + "".join(f" real_server {s} 80 {{\n  weight 2\n{rs}\n  {checker}\n }}\n" for s in servers) + "}\n")
     vs = VirtualServerState.build(loads(text).virtual_servers[0])
     vs.start()
     return vs
@@ -148,7 +149,8 @@ def test_dns_query_and_verdicts():
     answer = b"\x12\x34" + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0)
     assert probes.dns_verdict(answer, 0x1234) == ""
     assert probes.dns_verdict(answer, 0x4321) == "not an answer to our query"
-    assert probes.dns_verdict(b"\x12\x34" + struct.pack("!HHHHH", 0x8183, 1, 0, 0, 0), 0x1234) == "DNS rcode 3"
+    refused = b"\x12\x34" + struct.pack("!HHHHH", 0x8183, 1, 0, 0, 0)
+    assert probes.dns_verdict(refused, 0x1234) == "DNS rcode 3"
 
 
 # ---------------------------------------------------------------- feedback
