@@ -24,7 +24,8 @@ def state(body: str = "", rs: str = "", checker: str = TCP,
           servers: tuple[str, ...] = (A, B)) -> VirtualServerState:
     text = ("virtual_server 192.168.0.40 80 {\n delay_loop 3\n lb_algo rr\n lb_kind NAT\n protocol TCP\n"
             + body + "\n"
-            + "".join(f" real_server {s} 80 {{\n  weight 2\n{rs}\n  {checker}\n }}\n" for s in servers) + "}\n")
+            + "".join(f" real_server {s} 80 {{\n  weight 2\n{rs}\n  {checker}\n }}\n" for s in servers)
+            + "}\n")
     vs = VirtualServerState.build(loads(text).virtual_servers[0])
     vs.start()
     return vs
