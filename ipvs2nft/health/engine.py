@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ipvs2nft.health.feedback import FeedbackLoop
-from ipvs2nft.health.probes import Prober, client_context
+from ipvs2nft.health.probes import Outcome, Prober, client_context
 from ipvs2nft.health.state import CheckerState, VirtualServerState
 from ipvs2nft.keepalived.config import Configuration, MiscCheck
 
@@ -115,7 +115,11 @@ class Engine:
             await asyncio.sleep(max(0.0, planned - loop.time()))
             started = loop.time()
             self.lateness.add(started - planned)
-            outcome = await self.prober.run(chk.cfg, chk.server.cfg)
+            try:
+                outcome = await self.prober.run(chk.cfg, chk.server.cfg)
+            except Exception as exc:  # noqa: BLE001 - a probe's bug must not stop its checker
+                self.log(f"{chk.cfg.kind} on {chk.label}: {type(exc).__name__}: {exc}")
+                outcome = Outcome(False, 0.0, status=None, why=str(exc))
             if isinstance(chk.cfg, MiscCheck):
                 delay = chk.vs.misc_epilog(chk, outcome.status, chk.cfg.dynamic)
             else:

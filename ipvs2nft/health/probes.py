@@ -138,15 +138,23 @@ def http_verdict(url, response: bytes) -> str:
     return ""
 
 
+def _complete(response: bytes) -> bool:
+    """Headers and a Content-Length body are in (an HTTP/1.1 server may keep
+    the connection open after them); without Content-Length, read to EOF."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head) if sep else None
+    return bool(length) and len(body) >= int(length.group(1))
+
+
 async def http(chk: HttpCheck, rs: RealServer, tls: ssl.SSLContext | None) -> str:
     addr, port = target(chk, rs)
     for url in chk.urls:
         sock = await _connect(chk, addr, port)
         try:
-            server_hostname = (url.virtualhost or chk.virtualhost or str(addr)) if chk.enable_sni else None
-            reader, writer = await asyncio.open_connection(
-                sock=sock, ssl=tls if chk.tls else None,
-                server_hostname=server_hostname if chk.tls and chk.enable_sni else None)
+            # asyncio wants a server_hostname with ssl and a bare socket: '' sends no SNI
+            sni = (url.virtualhost or chk.virtualhost or str(addr)) if chk.enable_sni else ""
+            reader, writer = await asyncio.open_connection(sock=sock, ssl=tls if chk.tls else None,
+                                                           server_hostname=sni if chk.tls else None)
         except BaseException:
             sock.close()
             raise
@@ -154,7 +162,7 @@ async def http(chk: HttpCheck, rs: RealServer, tls: ssl.SSLContext | None) -> st
             writer.write(_http_request(chk, url, addr, port))
             await writer.drain()
             response = b""
-            while len(response) < MAX_BODY:
+            while len(response) < MAX_BODY and not _complete(response):
                 chunk = await reader.read(MAX_BODY - len(response))
                 if not chunk:
                     break
@@ -248,9 +256,12 @@ async def udp(chk: UdpCheck, rs: RealServer) -> str:
 async def misc(chk: MiscCheck) -> int | None:
     """The script's exit status; None when misc_timeout killed it (its whole
     process group, as keepalived's kill(-pid))."""
-    proc = await asyncio.create_subprocess_exec(*chk.path, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc = await asyncio.create_subprocess_exec(*chk.path, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return 127  # what a shell says of a script it cannot run: a failure
     try:
         return await asyncio.wait_for(proc.wait(), chk.timeout)
     except TimeoutError:
