@@ -268,3 +268,12 @@ def test_feedback_extension_syntax():
     assert (snmp.community, snmp.oid, snmp.version, snmp.port) == ("lab", "hrProcessorLoad", "2c", 161)
     with pytest.raises(ConfigError, match="neither response nor load"):
         vs_with("    ipvs2nft_feedback cpu")
+
+
+def test_thresholds_and_weight_reach_the_real_server():
+    from ipvs2nft.keepalived.mapping import dest, service_keys
+
+    vs = vs_with("    weight 4", "        uthreshold 10\n        lthreshold 5")
+    rs = vs.real_servers[0]
+    d = dest(rs, service_keys(vs)[0], rs.weight)
+    assert (d.weight, d.u_threshold, d.l_threshold, d.fwd) == (4, 10, 5, Forward.MASQ)
