@@ -277,3 +277,14 @@ def test_thresholds_and_weight_reach_the_real_server():
     rs = vs.real_servers[0]
     d = dest(rs, service_keys(vs)[0], rs.weight)
     assert (d.weight, d.u_threshold, d.l_threshold, d.fwd) == (4, 10, 5, Forward.MASQ)
+
+
+def test_translate_reads_standard_input():
+    text = "virtual_server 192.168.0.40 80 {\n protocol TCP\n lb_kind DR\n lb_algo rr\n" \
+           " real_server 192.168.100.10 8080 {\n }\n}\n"
+    p = subprocess.run([IPVS2NFT, "translate", "--from", "keepalived"], input=text, capture_output=True,
+                       text=True)
+    assert p.returncode == 0
+    assert p.stdout == "-A -t 192.168.0.40:80 -s rr\n-a -t 192.168.0.40:80 -r 192.168.100.10:80 -g -w 1\n"
+    assert p.stderr == ("ipvs2nft: warning: (<stdin>: Line 5) WARNING - virtual server 192.168.0.40:tcp:80 and "
+                        "real server 192.168.100.10:8080 ports don't match - resetting\n")

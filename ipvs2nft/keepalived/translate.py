@@ -34,8 +34,11 @@ def start_table(cfg: Configuration) -> Table:
 def load(path: str):
     """(configuration, None) or (None, error line)."""
     from ipvs2nft.keepalived.parse import load as parse_file
+    from ipvs2nft.keepalived.parse import loads
 
     try:
+        if path == "-":  # standard input: includes are relative to the working directory
+            return loads(sys.stdin.read(), name="<stdin>"), None
         return parse_file(path), None
     except ConfigError as exc:
         return None, str(exc)
