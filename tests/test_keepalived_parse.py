@@ -286,5 +286,5 @@ def test_translate_reads_standard_input():
                        text=True)
     assert p.returncode == 0
     assert p.stdout == "-A -t 192.168.0.40:80 -s rr\n-a -t 192.168.0.40:80 -r 192.168.100.10:80 -g -w 1\n"
-    assert p.stderr == ("ipvs2nft: warning: (<stdin>: Line 5) WARNING - virtual server 192.168.0.40:tcp:80 and "
-                        "real server 192.168.100.10:8080 ports don't match - resetting\n")
+    assert p.stderr == ("ipvs2nft: warning: (<stdin>: Line 5) WARNING - virtual server 192.168.0.40:tcp:80 "
+                        "and real server 192.168.100.10:8080 ports don't match - resetting\n")
