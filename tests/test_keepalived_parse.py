@@ -288,3 +288,11 @@ def test_translate_reads_standard_input():
     assert p.stdout == "-A -t 192.168.0.40:80 -s rr\n-a -t 192.168.0.40:80 -r 192.168.100.10:80 -g -w 1\n"
     assert p.stderr == ("ipvs2nft: warning: (<stdin>: Line 5) WARNING - virtual server 192.168.0.40:tcp:80 "
                         "and real server 192.168.100.10:8080 ports don't match - resetting\n")
+
+
+def test_misc_check_user():
+    misc = "        MISC_CHECK {{\n            misc_path /bin/true\n            user {}\n        }}"
+    chk = vs_with("", misc.format("nobody nogroup")).real_servers[0].checkers[0]
+    assert (chk.user, chk.group) == ("nobody", "nogroup")
+    with pytest.raises(ConfigError, match="user no-such-user unknown"):
+        vs_with("", misc.format("no-such-user"))

@@ -259,7 +259,8 @@ async def misc(chk: MiscCheck) -> int | None:
     try:
         proc = await asyncio.create_subprocess_exec(*chk.path, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                                                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+                                                    user=chk.user, group=chk.group)
     except OSError:
         return 127  # what a shell says of a script it cannot run: a failure
     try:

@@ -85,6 +85,8 @@ class MiscCheck(Checker):
     path: list[str] = field(default_factory=list)  # argv, split as keepalived splits it
     timeout: float | None = None  # misc_timeout; None: the virtual server's delay_loop
     dynamic: bool = False
+    user: str | None = None  # run as this user (and group), keepalived's `user USER [GROUP]`
+    group: str | None = None
 
 
 @dataclass

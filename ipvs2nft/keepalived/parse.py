@@ -96,7 +96,6 @@ NOT_CARRIED_OUT = {
     "regex_max_offset": "regex offsets are not supported by ipvs2nft",
     "regex_stack": "regex_stack is not supported by ipvs2nft",
     "hashed": "hashed is not supported by ipvs2nft",
-    "user": "running MISC_CHECK scripts as another user is not supported by ipvs2nft",
     "bind_if": "bind_if is not supported by ipvs2nft",
 }
 LVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "sh", "mh", "dh", "fo", "ovf", "lblcr", "sed", "nq")
@@ -675,7 +674,7 @@ class _Parser:
         elif isinstance(chk, HttpCheck) and key in ("nb_get_retry", "virtualhost", "http_protocol",
                                                      "enable_sni", "fast_recovery"):
             self.http_keyword(chk, node)
-        elif isinstance(chk, MiscCheck) and key in ("misc_path", "misc_timeout", "misc_dynamic"):
+        elif isinstance(chk, MiscCheck) and key in ("misc_path", "misc_timeout", "misc_dynamic", "user"):
             self.misc_keyword(chk, node)
         elif isinstance(chk, SmtpCheck) and key == "helo_name":
             chk.helo_name = _arg(node, 1)
@@ -790,6 +789,12 @@ class _Parser:
             chk.path = _script(node)
         elif key == "misc_timeout":
             chk.timeout = float(_unsigned(node, 1, 0, UINT_MAX, "Invalid misc_timeout value '{}'")) or None
+        elif key == "user":
+            chk.user = _arg(node, 1)
+            chk.group = node.words[2] if len(node.words) > 2 else None
+            if not _known_user(chk.user, chk.group):
+                raise ConfigError(node.where, f"Unable to set uid/gid for misc script - user {chk.user} "
+                                              "unknown")
         else:
             chk.dynamic = True
 
@@ -982,6 +987,19 @@ class _Parser:
             chk.timeout = vs.delay_loop
         if isinstance(chk, HttpCheck) and chk.virtualhost is None:
             chk.virtualhost = rs.virtualhost
+
+
+def _known_user(user: str, group: str | None) -> bool:
+    import grp
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+        if group is not None:
+            grp.getgrnam(group)
+    except KeyError:
+        return False
+    return True
 
 
 def _fraction(node: Node) -> float:
