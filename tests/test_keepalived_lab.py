@@ -404,3 +404,18 @@ def test_least_cpu_load_feedback_from_a_real_snmpd(lab, tmp_path):
         for agent in agents:
             agent.terminate()
             agent.wait()
+
+
+def test_the_daemons_table_is_what_translate_prints(lab, tmp_path):
+    """At start the daemon sets up what `translate --from keepalived` prints:
+    ordinary services, listed by `ipvsadm -S -n` like any other."""
+    head = "    persistence_timeout 120\n    persistence_granularity 255.255.255.0"
+    servers = "".join(real(i, TCP, f"        weight {i + 2}") for i in range(3))
+    path = conf(tmp_path, servers, head)
+    Path(path).write_text(Path(path).read_text().replace("lb_algo rr", "lb_algo wrr"))
+    exe = str(Path(sys.executable).parent / "ipvs2nft")
+    expected = subprocess.run([exe, "translate", "--from", "keepalived", path], capture_output=True,
+                              text=True, check=True).stdout
+    lab.daemon("--keepalived", path)
+    assert lab.ipvsadm("-S -n").stdout == expected
+    assert "-s wrr -p 120 -M 255.255.255.0" in expected
