@@ -296,3 +296,9 @@ def test_misc_check_user():
     assert (chk.user, chk.group) == ("nobody", "nogroup")
     with pytest.raises(ConfigError, match="user no-such-user unknown"):
         vs_with("", misc.format("no-such-user"))
+
+
+def test_feedback_with_a_scheduler_that_ignores_weights_is_a_warning():
+    cfg = loads(VS.format(body="    ipvs2nft_feedback response", rs="weight 1"))
+    assert cfg.warnings == ["(keepalived.conf: Line 5) ipvs2nft_feedback: lb_algo rr does not use weights; "
+                            "the feedback weights need wrr, wlc, sed, sh, mh..."]

@@ -883,6 +883,9 @@ class _Parser:
         if not vs.scheduler:
             warn(f"{vs.where} Virtual server {name}: no scheduler set, setting default 'wlc'")
             vs.scheduler = "wlc"
+        if vs.feedback is not None and vs.scheduler in ("rr", "lc", "dh"):
+            warn(f"{vs.feedback.where} ipvs2nft_feedback: lb_algo {vs.scheduler} does not use weights; the "
+                 "feedback weights need wrr, wlc, sed, sh, mh...")
         self.validate_real_servers(vs, warn)
 
     def validate_real_servers(self, vs: VirtualServer, warn) -> None:
