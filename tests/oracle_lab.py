@@ -816,7 +816,7 @@ def _close(ours: int, theirs: int, kind: str, column: int, conns: int) -> bool:
 def _compare_counts(theirs: str, ours: str, kind: str, live: bool) -> list[str]:
     t_lines, o_lines = theirs.splitlines(), ours.splitlines()
     if len(t_lines) != len(o_lines):
-        return [f"{len(o_lines)} lines instead of {len(t_lines)}"]
+        return [f"{len(o_lines)} lines instead of {len(t_lines)}\n{_diff(theirs, ours)}"]
     bad = []
     for t, o in zip(t_lines, o_lines, strict=True):
         t_label, t_nums = _split_counts(t)
