@@ -1,11 +1,12 @@
 # ipvs2nft developer entry points.  `make test` and `make demo` run `make setup` first.
 # The python3 on PATH may be a pyenv shim that cannot import python3-nftables:
 # the venv is made from /usr/bin/python3 with --system-site-packages.
+# busybox-static: the oracle's own httpd, which tests/oracle_lab.py serves with.
 
 PYTHON   ?= /usr/bin/python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps
+APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps busybox-static
 STAMP    := $(VENV)/.setup-stamp
 # CI and `make test` run everything; PYTEST_ARGS narrows it (e.g. -m "not netns").
 PYTEST_ARGS ?=

@@ -78,8 +78,10 @@ def load(name: str) -> list[dict]:
 
 
 def fixture_names(prefix: str = "") -> list[str]:
+    """The fixtures replayable without traffic: traffic-* and daemon-* need
+    the namespace lab (test_traffic_oracle.py, test_daemon_oracle.py)."""
     return sorted(p.name for p in FIXTURES.glob("*.jsonl") if p.name.startswith(prefix)
-                  and not p.name.startswith("traffic-"))
+                  and not p.name.startswith(("traffic-", "daemon-")))
 
 
 class _Capture:
