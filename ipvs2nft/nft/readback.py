@@ -297,7 +297,7 @@ def connection_rows(table) -> list:
             state = proto
         rows.append(ConnRow(proto, flow.timeout or 0, state,
                             (_addr(flow.orig.src), flow.orig.sport), (_addr(flow.orig.dst), flow.orig.dport),
-                            (_addr(flow.reply.src), flow.reply.sport), 0 if svc.fwmark else flow.proto))
+                            (_addr(flow.reply.src), flow.reply.sport), flow.proto))
     by_rid = {d.rid: (svc, d) for svc in table.services for d in svc.dests}
     for t in read_templates():
         found = by_rid.get(t.rid)
