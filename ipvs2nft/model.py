@@ -39,14 +39,20 @@ class Forward(enum.Enum):
     MASQ = "masq"  # -m, NAT
     ROUTE = "route"  # -g, direct routing (ipvsadm's default)
     TUNNEL = "tunnel"  # -i, IP-in-IP and friends
+    # IP_VS_CONN_F_LOCALNODE: the real server is this host.  No ipvsadm
+    # option gives it and the store never holds it; the nftables back end
+    # carries out a -g or -i server whose address is local this way, as
+    # ip_vs_xmit.c does per packet (nft/direct.py: local_nodes).
+    LOCAL = "local"
 
     @property
     def listing_name(self) -> str:
-        return {"masq": "Masq", "route": "Route", "tunnel": "Tunnel"}[self.value]
+        return {"masq": "Masq", "route": "Route", "tunnel": "Tunnel", "local": "Local"}[self.value]
 
     @property
     def switch(self) -> str:
-        return {"masq": "-m", "route": "-g", "tunnel": "-i"}[self.value]
+        # ipvsadm.c fwd_switch(): LOCALNODE saves as -g
+        return {"masq": "-m", "route": "-g", "tunnel": "-i", "local": "-g"}[self.value]
 
 
 class TunType(enum.IntEnum):

@@ -120,7 +120,8 @@ def _check(row: object, shapes: tuple) -> None:
         raise TypeError(f"a row of the wrong shape: {row!r:.80}")
 
 
-_FORWARD_OF = {f.value: f for f in Forward}  # a dict lookup is a tenth of an Enum call
+# a dict lookup is a tenth of an Enum call; LOCAL is the back end's, never stored
+_FORWARD_OF = {f.value: f for f in Forward if f is not Forward.LOCAL}
 _TUN_TYPE_OF = {t.value: t for t in TunType}
 
 

@@ -207,11 +207,11 @@ def vm_like_netns(tmp_path=None):
                 raise OSError(ctypes.get_errno(), "bind mount of the VM's /etc/hosts failed")
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
             netaddr.addr_to_host.cache_clear()
-            host.local_broadcasts.cache_clear()
+            host.forget()
             yield True
         finally:
             netaddr.addr_to_host.cache_clear()
-            host.local_broadcasts.cache_clear()
+            host.forget()
             if libc.setns(home_net, _CLONE_NEWNET) != 0 or libc.setns(home_mnt, _CLONE_NEWNS) != 0:
                 raise OSError(ctypes.get_errno(), "setns back to the original namespaces failed")
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ipvs2nft import __version__
+from ipvs2nft import __version__, host
 from ipvs2nft.errors import IpvsadmError, internal_error
 from ipvs2nft.ipvsadm import cmdline
 from ipvs2nft.ipvsadm.apply import mutation
@@ -150,9 +150,11 @@ def cmd_translate(args) -> int:
         return 2
     # ids as the store would give them, without a store
     prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
-    script = build.full(prepared.table, generation=1)
+    # a -g/-i server that is this host is delivered locally, as the drop-in does
+    carried = direct.local_nodes(prepared.table, host.is_local)
+    script = build.full(carried, generation=1)
     warnings += script.warnings
-    devices = direct.tunnels(prepared.table.services)
+    devices = direct.tunnels(carried.services)
     if devices:
         warnings.append("tunnelled real servers need their tunnel devices before `nft -f`: "
                         + "; ".join(tunnels.script_lines(devices)))
