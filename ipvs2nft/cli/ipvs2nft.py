@@ -2,8 +2,9 @@
 that have no ipvsadm counterpart.
 
 ``ipvs2nft translate [FILE|-]`` reads ipvsadm command lines (the form of an
-``ipvsadm -S`` / ``/etc/ipvsadm.rules`` file; a leading ``ipvsadm`` word is
-allowed, ``#`` lines and blank lines are skipped) and prints the complete
+``ipvsadm -S`` / ``/etc/ipvsadm.rules`` file, split as ipvsadm-restore
+splits it: ``ipvsadm`` words dropped, lines beginning with ``#`` and blank
+lines skipped) and prints the complete
 nft script that the ipvsadm drop-in would load.  It needs no root, no
 kernel and no state file.  Warnings go to stderr; a line ipvsadm would
 refuse is reported with its number and no script is printed (exit 2).
@@ -16,7 +17,7 @@ import sys
 
 from ipvs2nft import __version__, host
 from ipvs2nft.errors import IpvsadmError, internal_error
-from ipvs2nft.ipvsadm import cmdline
+from ipvs2nft.ipvsadm import cmdline, restore
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.model import Table
 from ipvs2nft.nft import build, direct, tunnels
@@ -106,13 +107,10 @@ def _read(path: str) -> bytes:
 
 
 def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[str]]:
-    """(table, errors, warnings) for ipvsadm command lines."""
+    """(table, errors, warnings) for ipvsadm command lines, split into
+    words exactly as ipvsadm-restore would split them."""
     table, errors, warnings = Table(), [], []
-    for lineno, raw in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
-        text = raw.strip()
-        if not text or text.startswith("#"):
-            continue
-        words = [w for w in text.split() if w != "ipvsadm"]
+    for lineno, words in restore.script_lines(data):
         if not words:
             continue
         try:
