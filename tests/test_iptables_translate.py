@@ -292,3 +292,22 @@ def test_suggestions_are_valid_nft(name):
                   f"{rule}; }}; }}\n")
         got = _in_netns(script, check_only=True)
         assert got.returncode == 0, (lf.suggestion, got.stderr)
+
+
+def test_bare_protocol_match_keeps_its_protocol(capsys):
+    """iptables-translate prints ``-p tcp -m tcp`` (kube-proxy's DNAT rules)
+    as nothing: an ACCEPT for every protocol, a DNAT to a port nft refuses
+    (exit 0).  The protocol is put back."""
+    rc, out, _ = run(capsys, "iptables -A INPUT -p tcp -m tcp -j ACCEPT\n"
+                             "iptables -A INPUT -p 17 -m udp -j ACCEPT\n"
+                             "iptables -t nat -A PREROUTING -p tcp -m comment --comment x -m tcp "
+                             "-j DNAT --to-destination 10.0.0.1:80\n"
+                             "iptables -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n"
+                             "iptables -A INPUT ! -p tcp -m comment --comment y -j ACCEPT\n")
+    rules = [line for line in out.splitlines() if line.startswith("add rule")]
+    assert rules == ["add rule ip filter INPUT meta l4proto tcp counter accept",
+                     "add rule ip filter INPUT meta l4proto udp counter accept",
+                     "add rule ip filter INPUT tcp dport 22 counter accept",
+                     'add rule ip filter INPUT ip protocol != tcp counter accept comment "y"',
+                     'add rule ip nat PREROUTING meta l4proto tcp counter dnat to 10.0.0.1:80 comment "x"']
+    assert rc == 0

@@ -25,7 +25,13 @@ What the tool gets wrong is caught here, not passed on silently:
 * a rule comment with a double quote is printed unquotable: the quote is
   replaced by a single one;
 * ``[packets:bytes]`` rule counters are dropped: they are put back as
-  ``counter packets P bytes B``.
+  ``counter packets P bytes B``;
+* ``-p tcp -m tcp`` (a protocol match with no option, as kube-proxy writes
+  every DNAT rule) loses its protocol: ``-p tcp -m tcp -j ACCEPT`` comes out
+  as ``counter accept`` (every protocol), and ``-j DNAT --to-destination
+  a:p`` as a ``dnat to a:p`` nft refuses ("transport protocol mapping is
+  only valid after transport protocol match") with exit status 0: the
+  protocol is put back as ``meta l4proto tcp``.
 """
 
 from __future__ import annotations
@@ -201,7 +207,28 @@ def _line(line: str, by_uid: dict[int, Rule], result: Passthrough) -> None:
     result.lines.append(line)
 
 
+# -p values whose bare match (-m tcp ...) iptables-translate prints as nothing
+_L4 = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "udplite": "udplite", "136": "udplite",
+       "sctp": "sctp", "132": "sctp", "dccp": "dccp", "33": "dccp"}
+_L4_MATCH = re.compile(r"\b(?:tcp|udp|udplite|sctp|dccp|th|meta l4proto|ip protocol|ip6 nexthdr)\b")
+_RULE_HEAD = re.compile(r"(add rule ip6? \S+ \S+ )(.*)")
+
+
+def _protocol_kept(line: str, rule: Rule) -> str:
+    """Put back the ``-p`` iptables-translate dropped (see the module doc)."""
+    p = rule.head("p")
+    proto = _L4.get(p.value) if p is not None and not p.neg else None
+    m = _RULE_HEAD.match(line)
+    if proto is None or m is None:
+        return line
+    matches = m.group(2).split(" counter", 1)[0]
+    if _L4_MATCH.search(matches):
+        return line
+    return f"{m.group(1)}meta l4proto {proto} {m.group(2)}"
+
+
 def _fix(line: str, rule: Rule, result: Passthrough) -> str:
+    line = _protocol_kept(line, rule)
     comments = [o.value for m in rule.matches if m.module == "comment" for o in m.opts]
     if comments:
         line += ' comment "' + comments[-1].replace('"', "'")[:128] + '"'
