@@ -4,6 +4,8 @@ The pipeline, one module per step::
 
     parse.py        command lines / iptables-save text -> Ruleset (rules.py)
     lift.py         the load-balancing idioms in a Ruleset -> Services + findings
+    jumps.py        cascades that jump to a chain per backend (kube-proxy) -> one
+                    map inside that chain, affinity through one timeout set
     shares.py       what a statistic cascade really does (pure arithmetic)
     slots.py        the pseudo-schedulers "iptables-nth" / "iptables-random"
                     (registered with ipvs2nft.sched)

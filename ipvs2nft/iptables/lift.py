@@ -492,7 +492,9 @@ def _iptables_fix(steps: list[sh.Step], intended: list[Fraction], nth: bool, ove
 
 # ---------------------------------------------------------------- idiom 1: cascades
 
-def _step(rule: Rule, backend: Backend) -> sh.Step | None:
+def statistic_step(rule: Rule, backend) -> sh.Step | None:
+    """The rule as a cascade step to ``backend``: its ``-m statistic`` test
+    (none: always), or None for one that cannot be read."""
     stats = [m for m in rule.matches if m.module == "statistic"]
     if not stats:
         return sh.Step(rule.line, backend)
@@ -525,7 +527,7 @@ def _cascade_candidates(chain: Chain, consumed: set[int]) -> dict[Key, list[tupl
         key = key_of(r)
         if b is None or not key.liftable:
             continue
-        step = _step(r, b)
+        step = statistic_step(r, b)
         if step is not None:
             groups.setdefault(key, []).append((r, step))
     return groups
@@ -567,17 +569,31 @@ def _cascade_blocked(chain: Chain, key: Key, rules: list[Rule], steps: list[sh.S
     return ""
 
 
-def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Marks,
-                  out: LiftResult) -> None:
+@dataclass
+class Picks:
+    """What a first-match-wins cascade does, as a slot table."""
+
+    nth: bool
+    table: list  # dest per slot (None: not NATed)
+    exact: bool
+    note: str
+    analysis: sh.Analysis
+    by_dest: dict
+    order: list  # dests in rule order
+
+
+def terminal_picks(steps: list[sh.Step], label: str, line: int, out: LiftResult) -> Picks | None:
+    """The slot table of a cascade whose first matching rule wins (nth:
+    one period of its sequence; random: its shares in the fewest slots);
+    None, with a note, when there is none to make."""
     nth = any(s.mode == "nth" for s in steps)
-    label = describe(key)
     period = None
     if nth:
         period = sh.nth_period(steps)
         if period is None:
-            out.notes.append((rules[0].line, f"{label} not lifted (nth period above "
-                                             f"{sh.NTH_LIMIT}); translated rule by rule"))
-            return
+            out.notes.append((line, f"{label} not lifted (nth period above "
+                                    f"{sh.NTH_LIMIT}); translated rule by rule"))
+            return None
         shares = sh.period_shares(steps, period)
     else:
         shares = sh.terminal_shares(steps)
@@ -593,6 +609,17 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
             note = f"nth period of {len(period)} connections scaled to {MAX_SLOTS} slots"
     else:
         table, exact, note = random_table({**by_dest, None: analysis.leftover}, order + [None])
+    return Picks(nth, table, exact, note, analysis, by_dest, order)
+
+
+def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Marks,
+                  out: LiftResult) -> None:
+    label = describe(key)
+    picks = terminal_picks(steps, label, rules[0].line, out)
+    if picks is None:
+        return
+    nth, table, exact, note = picks.nth, picks.table, picks.exact, picks.note
+    analysis, by_dest, order = picks.analysis, picks.by_dest, picks.order
     weights = _weights(table)
     dests = [(b, weights[b]) for b in order if b in weights]
     if not dests:
@@ -713,7 +740,7 @@ def _lift_mark_group(key: Key, setters: list[Rule], dnats: dict[int, _MarkDnat],
     why = _mark_blocked(key, setters, dnats, nat, mangle)
     pick = [r for r in setters if r.match("recent") is None]
     sticky = [r for r in setters if r.match("recent") is not None]
-    steps = [_step(r, dnats[_set_value(r)].backend) for r in pick] if not why else []
+    steps = [statistic_step(r, dnats[_set_value(r)].backend) for r in pick] if not why else []
     if not why and any(s is None or s.mode == "nth" for s in steps):
         why = "nth in mangle counts packets, not connections"
     if not why:

@@ -53,6 +53,16 @@ _CONNMARK_XOR_AND = re.compile(r"ct mark set ct mark xor (0x[0-9a-f]+) and (0x[0
 FULL = 0xFFFFFFFF
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """A rule a lift writes itself, in its place: nft rule bodies (what
+    follows ``add rule <family> <table> <chain>``).  ``extras``: the rule's
+    comment and counters are added as to a translated rule."""
+
+    bodies: tuple[str, ...]
+    extras: bool = True
+
+
 @dataclass
 class Passthrough:
     """The translated rules of one family: script lines, warnings, notes."""
@@ -112,9 +122,12 @@ def document(ruleset: Ruleset, family: int, consumed: set[int]) -> Document:
     return doc
 
 
-def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
+def translate(ruleset: Ruleset, family: int, consumed: set[int],
+              rewrites: dict[int, Rewrite] | None = None, declarations: tuple[str, ...] = ()) -> Passthrough:
     """Run the Debian translator over the rules of ``family``; keep what the
-    idioms did not consume."""
+    idioms did not consume, write the ``rewrites`` in place of their rules,
+    and the ``declarations`` (sets of the nat table) after the nat table."""
+    rewrites = rewrites or {}
     doc = document(ruleset, family, consumed)
     result = Passthrough()
     if not doc.text:
@@ -134,8 +147,13 @@ def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
     output = _run(tool, doc.text, doc.rules)
     for line in output.splitlines():
         if _wanted(line, doc, consumed):
-            _line(line, kept, result)
+            _line(line, kept, result, rewrites)
+        if declarations and line.startswith(f"add table {_IP[family]} nat"):
+            result.lines.extend(declarations)
     return result
+
+
+_IP = {4: "ip", 6: "ip6"}
 
 
 _ADD_TABLE = re.compile(r"add table ip6? (\S+)$")
@@ -184,11 +202,14 @@ def _tool_error(stderr: str, text: str, by_uid: dict[int, Rule]) -> ParseError:
     return ParseError(first, message)
 
 
-def _line(line: str, by_uid: dict[int, Rule], result: Passthrough) -> None:
+def _line(line: str, by_uid: dict[int, Rule], result: Passthrough, rewrites: dict[int, Rewrite]) -> None:
     if line.startswith("# Translated by") or line.startswith("# Completed on") or not line.strip():
         return
+    u = re.search(MARKER + r"(\d+)", line)
+    if u and int(u.group(1)) in rewrites and int(u.group(1)) in by_uid:
+        _rewritten(by_uid[int(u.group(1))], rewrites[int(u.group(1))], result)
+        return
     if line.startswith("#"):
-        u = re.search(MARKER + r"(\d+)", line)
         rule = by_uid.get(int(u.group(1))) if u else None
         original = _UNTRANSLATED.sub("", line[1:]).strip()
         where = f"line {rule.line}" if rule else "line ?"
@@ -225,6 +246,12 @@ def _protocol_kept(line: str, rule: Rule) -> str:
     if _L4_MATCH.search(matches):
         return line
     return f"{m.group(1)}meta l4proto {proto} {m.group(2)}"
+
+
+def _rewritten(rule: Rule, rewrite: Rewrite, result: Passthrough) -> None:
+    for body in rewrite.bodies:
+        line = f"add rule {_IP[rule.family]} {rule.table} {rule.chain} {body}"
+        result.lines.append(_fix(line, rule, result) if rewrite.extras else line)
 
 
 def _fix(line: str, rule: Rule, result: Passthrough) -> str:

@@ -28,7 +28,9 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from ipvs2nft import sched
+from ipvs2nft.iptables import jumps
 from ipvs2nft.iptables import slots as _slots  # noqa: F401  (registers the schedulers)
+from ipvs2nft.iptables.jumps import JumpResult
 from ipvs2nft.iptables.lift import Lifted, LiftResult, iptables_words, lift, nft_matches
 from ipvs2nft.iptables.parse import parse
 from ipvs2nft.iptables.passthrough import Passthrough
@@ -55,6 +57,7 @@ class Translation:
     lifted: LiftResult
     table: Table  # lifted services, ids assigned
     passthrough: dict[int, Passthrough]
+    jumps: JumpResult = field(default_factory=JumpResult)  # cascades lifted inside their chain
     warnings: list[tuple[int, str]] = field(default_factory=list)
     notes: list[tuple[int, str]] = field(default_factory=list)
     approximations: int = 0
@@ -65,11 +68,13 @@ def run(text: str) -> Translation:
     """Parse, lift and translate; raises ParseError for input iptables refuses."""
     ruleset, parse_warnings = parse(text)
     lifted = lift(ruleset)
+    jumped = jumps.lift(ruleset, lifted)
     set_plans({lf.service.key: lf.plan for lf in lifted.lifted})
     table = Table([lf.service for lf in lifted.lifted], CONNTRACK_TIMEOUTS)
     table = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table).table
-    through = {fam: passthrough(ruleset, fam, lifted.consumed) for fam in (4, 6)}
-    t = Translation(lifted, table, through)
+    through = {fam: passthrough(ruleset, fam, lifted.consumed | jumped.consumed, jumped.rewrites,
+                                tuple(jumped.declarations.get(fam, ()))) for fam in (4, 6)}
+    t = Translation(lifted, table, through, jumped)
     t.warnings = [(_line_of(w), w.split(": ", 1)[1]) for w in parse_warnings]
     t.warnings += lifted.findings
     t.notes = list(lifted.notes) + [(lf.rules[0].line, lf.summary) for lf in lifted.lifted]
@@ -93,7 +98,7 @@ def _line_of(warning: str) -> int:
 
 def _script(t: Translation) -> list[str]:
     lines = [f"# ipvs2nft translate --from iptables: {len(t.lifted.lifted)} service(s) lifted "
-             f"from {len(t.lifted.consumed)} rule(s); "
+             f"from {len(t.lifted.consumed)} rule(s); {len(t.jumps.lifted)} chain cascade(s) lifted; "
              f"{sum(len(p.lines) for p in t.passthrough.values())} line(s) from "
              "iptables-restore-translate"]
     services = list(t.table.services)
