@@ -379,3 +379,19 @@ def test_affinity_list_used_elsewhere_stays_rule_by_rule(capsys):
     assert rc == 0 and "numgen random mod 4 vmap" in out
     assert "session affinity not lifted (line 12 also uses the list)" in err
     assert "# untranslatable (line 7)" in out and "warning: line 7: iptables-translate cannot" in err
+
+
+@pytest.mark.netns
+def test_a_script_nft_refuses_is_an_error_naming_the_input_line(capsys):
+    """iptables-translate writes ``-j TOS --set-tos`` in an ip table as
+    ``ip6 dscp set``, which nft refuses ("conflicting protocols"); translate
+    checks its script with nft -c and names the input line instead of
+    printing it with exit status 0."""
+    if NETNS_SKIP:
+        pytest.skip(NETNS_SKIP)
+    rc, out, err = run(capsys, "iptables -t mangle -A PREROUTING -j MARK --set-mark 1\n"
+                               "iptables -t mangle -A PREROUTING -p tcp --dport 22 -j TOS --set-tos 0x10\n"
+                               "iptables -A INPUT -j ACCEPT\n")
+    assert (rc, out) == (2, "")
+    assert re.fullmatch(r"ipvs2nft: line 2: nftables refuses the translation \(script line \d+: "
+                        r"conflicting protocols specified: ip vs\. ip6\)\n", err), err

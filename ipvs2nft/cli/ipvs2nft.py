@@ -20,7 +20,7 @@ from ipvs2nft.errors import IpvsadmError, internal_error
 from ipvs2nft.ipvsadm import cmdline, restore
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.model import Table
-from ipvs2nft.nft import build, direct, tunnels
+from ipvs2nft.nft import build, check, direct, tunnels
 from ipvs2nft.store import Snapshot, Store
 
 IGNORED = {"list": "listing", "save": "save", "zero": "zero", "help": "help", "version": "version"}
@@ -129,6 +129,28 @@ def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[str]]:
     return table, errors, warnings
 
 
+def _ipvsadm_script(data: bytes) -> tuple[str, list[str], list[str], bool]:
+    """(nft script, errors, warnings, approximated) for ipvsadm lines."""
+    table, errors, warnings = translate_ipvsadm(data)
+    if errors:
+        return "", errors, warnings, False
+    # ids as the store would give them, without a store
+    prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
+    # a -g/-i server that is this host is delivered locally, as the drop-in does
+    carried = direct.local_nodes(prepared.table, host.is_local)
+    script = build.full(carried, generation=1)
+    warnings += script.warnings
+    devices = direct.tunnels(carried.services)
+    if devices:
+        warnings.append("tunnelled real servers need their tunnel devices before `nft -f`: "
+                        + "; ".join(tunnels.script_lines(devices)))
+    return script.text(), [], warnings, bool(script.warnings)
+
+
+def _prefix(data: bytes, lines: int) -> bytes:
+    return b"".join(line + b"\n" for line in data.split(b"\n")[:lines])
+
+
 def cmd_translate(args) -> int:
     try:
         data = _read(args.file)
@@ -142,25 +164,21 @@ def cmd_translate(args) -> int:
     if args.target != "nft":
         sys.stderr.write("ipvs2nft: --to ipvsadm is for --from iptables input\n")
         return 2
-    table, errors, warnings = translate_ipvsadm(data)
+    script, errors, warnings, approximated = _ipvsadm_script(data)
+    if not errors:
+        error, unchecked = check.verify(script, len(data.split(b"\n")),
+                                        lambda k: _ipvsadm_script(_prefix(data, k))[0] or None)
+        errors += [error] if error else []
+        warnings += [unchecked] if unchecked else []
+        approximated |= bool(unchecked)
     if errors:
         sys.stderr.write("".join(f"ipvs2nft: {e}\n" for e in errors))
         return 2
-    # ids as the store would give them, without a store
-    prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
-    # a -g/-i server that is this host is delivered locally, as the drop-in does
-    carried = direct.local_nodes(prepared.table, host.is_local)
-    script = build.full(carried, generation=1)
-    warnings += script.warnings
-    devices = direct.tunnels(carried.services)
-    if devices:
-        warnings.append("tunnelled real servers need their tunnel devices before `nft -f`: "
-                        + "; ".join(tunnels.script_lines(devices)))
     for w in warnings:
         sys.stderr.write(f"ipvs2nft: warning: {w}\n")
-    if args.strict and script.warnings:
+    if args.strict and approximated:
         return 3
-    sys.stdout.write(script.text())
+    sys.stdout.write(script)
     return 0
 
 

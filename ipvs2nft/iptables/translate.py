@@ -38,7 +38,7 @@ from ipvs2nft.iptables.passthrough import translate as passthrough
 from ipvs2nft.iptables.rules import ParseError
 from ipvs2nft.iptables.slots import NTH, set_plans
 from ipvs2nft.model import Table
-from ipvs2nft.nft import build
+from ipvs2nft.nft import build, check
 from ipvs2nft.store import Snapshot, Store
 
 MARK_TABLE = "ipvs2nft_iptables"
@@ -185,6 +185,15 @@ def _ipvs_scheduler(lf: Lifted, svc):
 
 # ---------------------------------------------------------------- entry point
 
+def _script_of(text: str, lines: int) -> str | None:
+    """The nft translation of the first ``lines`` lines, if they translate."""
+    try:
+        t = run("".join(line + "\n" for line in text.splitlines()[:lines]))
+    except ParseError:
+        return None
+    return "".join(line + "\n" for line in t.script_lines)
+
+
 def _say(kind: str, items: list[tuple[int, str]]) -> None:
     for line, text in sorted(items, key=lambda x: x[0]):
         where = f"line {line}: " if line else ""
@@ -214,6 +223,13 @@ def translate(data: bytes, strict: bool = False, target: str = "nft") -> int:
         approx += extra
     else:
         out = "".join(line + "\n" for line in t.script_lines)
+        error, unchecked = check.verify(out, len(text.splitlines()), lambda k: _script_of(text, k))
+        if error:
+            sys.stderr.write(f"ipvs2nft: {error}\n")
+            return 2
+        if unchecked:
+            _say("warning", [(0, unchecked)])
+            approx += 1
     if strict and approx:
         sys.stderr.write(f"ipvs2nft: --strict: {approx} approximated or untranslated item(s); "
                          "nothing printed\n")
