@@ -2,8 +2,10 @@
 
 It mirrors what the IPVS kernel keeps (``struct ip_vs_service`` and
 ``ip_vs_dest`` as seen through libipvs), plus the two ids the nftables back end
-needs to name its chains and slots.  Frozen dataclasses: an operation returns a
-new ``Table``; nothing here does I/O.
+needs to name its chains and slots, and the slot plan of a service whose
+front end fixed its scheduling itself (an iptables cascade).  Services and
+real servers are frozen dataclasses; a ``Table`` is changed in place by the
+operations of ``ipvs.py`` (its docstring says why).  Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -116,6 +118,19 @@ class SchedState:
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """A slot table fixed by a front end, not by an IPVS scheduler: the
+    real server (``Dest.key``) of each slot, None for a connection left
+    un-NATed; drawn by ``numgen random`` or in turn.  The iptables front end
+    reproduces a ``-m statistic`` cascade this way (iptables/lift.py)."""
+
+    random: bool
+    table: tuple
+    exact: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     """A virtual service: VIP/proto/port or fwmark, plus its real servers."""
 
@@ -132,6 +147,7 @@ class Service:
     dests: tuple[Dest, ...] = ()  # kernel list order: newest first
     sid: int = 0  # back-end id: names its chain and its slot block; 0 = not stored
     sched: SchedState = field(default_factory=SchedState)
+    plan: Plan | None = None  # the front end's own slot table; never stored (translate only)
 
     @property
     def key(self) -> ServiceKey:

@@ -537,7 +537,7 @@ class Store:
                 dests.append(d)
             services.append(Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark,
                                     svc.scheduler, svc.flags, svc.timeout, svc.netmask,
-                                    svc.pe_name, tuple(dests), sid, svc.sched))
+                                    svc.pe_name, tuple(dests), sid, svc.sched, svc.plan))
         return Table(services, table.timeouts, table.daemons, table.snat), next_rid
 
     def _splice(self, old: Snapshot, table: Table) -> bytes:

@@ -53,8 +53,17 @@ def test_ipvsadm_golden(capsys, name):
     golden(FIXTURES / (Path(name).stem + ".ipvsadm"), out)
 
 
-def test_schedulers_registered_on_import():
-    assert "iptables-nth" in sched.EXTRA and "iptables-random" in sched.EXTRA
+def test_the_plan_travels_with_its_service():
+    """A lifted cascade's slot table is the service's own (Service.plan),
+    not a module-level registry: a second translation in the same process
+    leaves the first one's services as they were."""
+    first = translate.run((FIXTURES / "slide19.sh").read_text())
+    (svc,) = first.table.services
+    before = sched.slots(svc, svc.sched)
+    translate.run((FIXTURES / "random3.sh").read_text().replace("192.168.100.", "10.9.9."))
+    assert sched.slots(svc, svc.sched) == before and svc.plan is not None and not svc.plan.random
+    assert [str(d.addr) if d is not sched.PASS else None for d in before.table] == \
+        ["192.168.100.10", None, "192.168.100.10", "192.168.100.11"]
 
 
 # ---------------------------------------------------------------- the lifted services

@@ -38,12 +38,15 @@ from fractions import Fraction
 from ipvs2nft.iptables import shares as sh
 from ipvs2nft.iptables.parse import decimal
 from ipvs2nft.iptables.rules import HARMLESS, Chain, Rule, Ruleset
-from ipvs2nft.iptables.slots import NTH, RANDOM, Plan
-from ipvs2nft.model import F_PERSISTENT, Dest, Forward, Service
+from ipvs2nft.model import F_PERSISTENT, Dest, Forward, Plan, Service
 from ipvs2nft.netaddr import AF_INET, AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
 from ipvs2nft.sched import MAX_SLOTS
 
 L4 = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "sctp": IPPROTO_SCTP}
+# The schedulers of lifted services: names only (listings, --to ipvsadm); the
+# slot table is the service's Plan (model.py).
+NTH = "iptables-nth"
+RANDOM = "iptables-random"
 PROTO_NAMES = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "sctp": "sctp",
                "132": "sctp", "icmp": "icmp", "1": "icmp", "icmpv6": "icmpv6",
                "ipv6-icmp": "icmpv6", "58": "icmpv6", "all": None, "0": None}
@@ -320,8 +323,7 @@ def backend_of(rule: Rule) -> Backend | None:
 class Lifted:
     """One service made from rules, and everything said about it."""
 
-    service: Service
-    plan: Plan
+    service: Service  # its Plan is the cascade's slot table
     key: Key
     label: str
     rules: list[Rule]
@@ -629,9 +631,8 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
         return
     svc, ours = _service(key, NTH if nth else RANDOM, dests, marks)
     label = describe(key, svc.fwmark if ours else 0)
-    plan = Plan(not nth, tuple(_dest_key(svc, b) for b in table), exact, note)
-    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, steps=steps,
-                    period=table)
+    svc = replace(svc, plan=Plan(not nth, tuple(_dest_key(svc, b) for b in table), exact, note))
+    lifted = Lifted(svc, key, label, rules, "", ours, analysis=analysis, steps=steps, period=table)
     lifted.summary = (f"{label} ({_lines(rules)}) lifted into one {'nth' if nth else 'random'} map: "
                       f"{_share_text(by_dest, analysis.leftover)}")
     if nth:
@@ -775,8 +776,8 @@ def _lift_mark_group(key: Key, setters: list[Rule], dnats: dict[int, _MarkDnat],
         svc = _persistent(svc, timeout, netmask)
     label = describe(key, svc.fwmark if ours else 0)
     rules = setters + [d.rule for d in dnats.values()]
-    plan = Plan(True, tuple(_dest_key(svc, b) for b in table), exact, note)
-    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, steps=steps)
+    svc = replace(svc, plan=Plan(True, tuple(_dest_key(svc, b) for b in table), exact, note))
+    lifted = Lifted(svc, key, label, rules, "", ours, analysis=analysis, steps=steps)
     lifted.summary = (f"{label} ({_lines(rules)}) lifted into one random map: "
                       f"{_share_text(by_dest, analysis.leftover)}"
                       + (f"; source persistence {svc.timeout} s" if persist else ""))

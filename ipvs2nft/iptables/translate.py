@@ -18,8 +18,6 @@ What differs from ipvsadm input:
   (``build.KERNEL_TIMEOUTS``): iptables never changed them;
 * only the prerouting hook: PREROUTING rules never saw the director's own
   connections.
-
-Importing this module registers the pseudo-schedulers (slots.py).
 """
 
 from __future__ import annotations
@@ -29,14 +27,12 @@ from dataclasses import dataclass, field, replace
 
 from ipvs2nft import sched
 from ipvs2nft.iptables import jumps
-from ipvs2nft.iptables import slots as _slots  # noqa: F401  (registers the schedulers)
 from ipvs2nft.iptables.jumps import JumpResult
-from ipvs2nft.iptables.lift import Lifted, LiftResult, iptables_words, lift, nft_matches
+from ipvs2nft.iptables.lift import NTH, Lifted, LiftResult, iptables_words, lift, nft_matches
 from ipvs2nft.iptables.parse import parse
 from ipvs2nft.iptables.passthrough import Passthrough
 from ipvs2nft.iptables.passthrough import translate as passthrough
 from ipvs2nft.iptables.rules import ParseError
-from ipvs2nft.iptables.slots import NTH, set_plans
 from ipvs2nft.model import Table
 from ipvs2nft.nft import build, check
 from ipvs2nft.store import Snapshot, Store
@@ -69,7 +65,6 @@ def run(text: str) -> Translation:
     ruleset, parse_warnings = parse(text)
     lifted = lift(ruleset)
     jumped = jumps.lift(ruleset, lifted)
-    set_plans({lf.service.key: lf.plan for lf in lifted.lifted})
     table = Table([lf.service for lf in lifted.lifted], CONNTRACK_TIMEOUTS)
     table = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table).table
     through = {fam: passthrough(ruleset, fam, lifted.consumed | jumped.consumed, jumped.rewrites,
