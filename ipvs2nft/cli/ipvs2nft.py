@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ipvs2nft import __version__, host
+from ipvs2nft import __version__, host, ids
 from ipvs2nft.errors import IpvsadmError, internal_error
 from ipvs2nft.ipvsadm import cmdline, restore
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.model import Table
 from ipvs2nft.nft import build, check, direct, tunnels
-from ipvs2nft.store import Snapshot, Store
 
 IGNORED = {"list": "listing", "save": "save", "zero": "zero", "help": "help", "version": "version"}
 
@@ -134,10 +133,9 @@ def _ipvsadm_script(data: bytes) -> tuple[str, list[str], list[str], bool]:
     table, errors, warnings = translate_ipvsadm(data)
     if errors:
         return "", errors, warnings, False
-    # ids as the store would give them, without a store
-    prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
+    table, _ = ids.assign(table)  # as the store would give them
     # a -g/-i server that is this host is delivered locally, as the drop-in does
-    carried = direct.local_nodes(prepared.table, host.is_local)
+    carried = direct.local_nodes(table, host.is_local)
     script = build.full(carried, generation=1)
     warnings += script.warnings
     devices = direct.tunnels(carried.services)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, replace
 
-from ipvs2nft import sched
+from ipvs2nft import ids, sched
 from ipvs2nft.iptables import jumps
 from ipvs2nft.iptables.jumps import JumpResult
 from ipvs2nft.iptables.lift import NTH, Lifted, LiftResult, iptables_words, lift, nft_matches
@@ -35,7 +35,6 @@ from ipvs2nft.iptables.passthrough import translate as passthrough
 from ipvs2nft.iptables.rules import ParseError
 from ipvs2nft.model import Table
 from ipvs2nft.nft import build, check
-from ipvs2nft.store import Snapshot, Store
 
 MARK_TABLE = "ipvs2nft_iptables"
 MARK_PRIORITY = -101  # after mangle (-150), before nat (-100) and ipvs2nft's dispatch (-99)
@@ -66,7 +65,7 @@ def run(text: str) -> Translation:
     lifted = lift(ruleset)
     jumped = jumps.lift(ruleset, lifted)
     table = Table([lf.service for lf in lifted.lifted], CONNTRACK_TIMEOUTS)
-    table = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table).table
+    table, _ = ids.assign(table)
     through = {fam: passthrough(ruleset, fam, lifted.consumed | jumped.consumed, jumped.rewrites,
                                 tuple(jumped.declarations.get(fam, ()))) for fam in (4, 6)}
     t = Translation(lifted, table, through, jumped)
