@@ -579,11 +579,10 @@ class Parser:
             if policy == "-":
                 raise ParseError(line, f"built-in chain {name} needs a policy")
             state.chains[name].policy = policy
-            state.chains[name].declared = True
         else:
             if policy != "-":
                 raise ParseError(line, f"user chain {name} cannot have a policy")
-            state.chains[name] = Chain(name, None, declared=True)
+            state.chains[name] = Chain(name, None)
 
     # ------------------------------------------------------------ commands
     def apply(self, family: int, cmd: Command) -> None:
@@ -599,7 +598,7 @@ class Parser:
         if op == "new-chain":
             if cmd.chain in state.chains:
                 raise ParseError(cmd.line, f"chain {cmd.chain} already exists")
-            state.chains[cmd.chain] = Chain(cmd.chain, None, declared=True)
+            state.chains[cmd.chain] = Chain(cmd.chain, None)
             return
         if op == "flush":
             for c in ([self._chain(state, cmd.chain, cmd.line)] if cmd.chain else state.chains.values()):
@@ -620,7 +619,6 @@ class Parser:
             if cmd.arg not in ("ACCEPT", "DROP"):
                 raise ParseError(cmd.line, f"bad policy name `{cmd.arg}'")
             chain.policy = cmd.arg
-            chain.declared = True
         elif op == "rename-chain":
             if cmd.arg in state.chains:
                 raise ParseError(cmd.line, f"chain {cmd.arg} already exists")

@@ -79,7 +79,6 @@ def _first_error(err: str) -> str:
 class NftBackend(Backend):
     """Programs ``table inet ipvs2nft`` from the model."""
 
-    name = "nft"
     checks = True
 
     def __init__(self, store) -> None:
