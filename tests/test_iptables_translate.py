@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from ipvs2nft import sched
-from ipvs2nft.cli.ipvs2nft import main
+from ipvs2nft.cli.ipvs2nft import main, translate_iptables
 from ipvs2nft.iptables import translate
+from ipvs2nft.unsupported import Report
 from tests.conftest import NETNS_SKIP
 
 FIXTURES = Path(__file__).parent / "fixtures" / "iptables"
@@ -28,7 +29,7 @@ REGEN = bool(os.environ.get("IPVS2NFT_REGEN"))
 
 
 def run(capsys, text: str, target: str = "nft", strict: bool = False) -> tuple[int, str, str]:
-    rc = translate.translate(text.encode(), strict=strict, target=target)
+    rc = translate_iptables(text.encode(), Report(strict=strict), target=target)
     out, err = capsys.readouterr()
     return rc, out, err
 

@@ -22,7 +22,6 @@ What differs from ipvsadm input:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
 
 from ipvs2nft import ids, sched
@@ -34,7 +33,7 @@ from ipvs2nft.iptables.passthrough import Passthrough
 from ipvs2nft.iptables.passthrough import translate as passthrough
 from ipvs2nft.iptables.rules import ParseError
 from ipvs2nft.model import Table
-from ipvs2nft.nft import build, check
+from ipvs2nft.nft import build
 
 MARK_TABLE = "ipvs2nft_iptables"
 MARK_PRIORITY = -101  # after mangle (-150), before nat (-100) and ipvs2nft's dispatch (-99)
@@ -177,56 +176,10 @@ def _ipvs_scheduler(lf: Lifted, svc):
             f"deterministic order){lost}", False)
 
 
-# ---------------------------------------------------------------- entry point
-
-def _script_of(text: str, lines: int) -> str | None:
+def script_of(text: str, lines: int) -> str | None:
     """The nft translation of the first ``lines`` lines, if they translate."""
     try:
         t = run("".join(line + "\n" for line in text.splitlines()[:lines]))
     except ParseError:
         return None
     return "".join(line + "\n" for line in t.script_lines)
-
-
-def _say(kind: str, items: list[tuple[int, str]]) -> None:
-    for line, text in sorted(items, key=lambda x: x[0]):
-        where = f"line {line}: " if line else ""
-        sys.stderr.write(f"ipvs2nft: {kind}: {where}{text}\n")
-
-
-def translate(data: bytes, strict: bool = False, target: str = "nft") -> int:
-    """The CLI: print the translation, warnings on stderr; 2 if the input
-    cannot be parsed.  With ``strict``, anything approximated or left
-    untranslated fails the run: warnings only, no output, exit 3 (as
-    ``--from ipvsadm --strict`` does)."""
-    text = data.decode("utf-8", "surrogateescape")
-    try:
-        t = run(text)
-    except ParseError as exc:
-        sys.stderr.write(f"ipvs2nft: line {exc.line}: {exc.message}\n")
-        return 2
-    _say("note", t.notes)
-    _say("warning", t.warnings)
-    for lf in t.lifted.lifted:
-        if lf.suggestion:
-            sys.stderr.write(f"ipvs2nft: suggestion: {lf.suggestion}\n")
-    approx = t.approximations
-    if target == "ipvsadm":
-        out, notes, extra = ipvsadm_rules(t)
-        _say("note", notes)
-        approx += extra
-    else:
-        out = "".join(line + "\n" for line in t.script_lines)
-        error, unchecked = check.verify(out, len(text.splitlines()), lambda k: _script_of(text, k))
-        if error:
-            sys.stderr.write(f"ipvs2nft: {error}\n")
-            return 2
-        if unchecked:
-            _say("warning", [(0, unchecked)])
-            approx += 1
-    if strict and approx:
-        sys.stderr.write(f"ipvs2nft: --strict: {approx} approximated or untranslated item(s); "
-                         "nothing printed\n")
-        return 3
-    sys.stdout.write(out)
-    return 0
