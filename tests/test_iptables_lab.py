@@ -235,7 +235,7 @@ def test_persistence_expires_after_its_timeout():
 
 # ---------------------------------------------------------------- cascades of 3-5
 
-@pytest.mark.parametrize("name", ["nth3.sh", "nth4.sh", "nth5.sh"])
+@pytest.mark.parametrize("name", ["nth3.sh", "nth4.sh", "nth5.sh", "nth-semicolons.sh"])
 def test_nth_cascades(sbs5, name):
     t = sbs5.load(name)
     (lf,) = t.lifted.lifted
