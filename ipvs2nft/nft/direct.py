@@ -50,7 +50,7 @@ RID_KEY = 0x80000000  # meta priority key of one masquerading server (rid below 
 
 # (hook, chain, what it leaves alone) of the dispatch chains; the fwmark
 # dispatch of each hook runs at mangle + 1 (chain "mangle" / "omangle")
-HOOKS = (("prerouting", "raw", 'iif "lo" accept'), ("output", "oraw", "ct state untracked accept"))
+DISPATCH_HOOKS = (("prerouting", "raw", 'iif "lo" accept'), ("output", "oraw", "ct state untracked accept"))
 
 
 def table(fam: str) -> str:
@@ -74,7 +74,7 @@ def local_nodes(table: Table, is_local: Callable[[IPAddress], bool]) -> Table:
 
 
 def is_direct(svc: Service) -> bool:
-    """Scheduled here: the service has a direct-routed or tunnelled server."""
+    """Scheduled here: the service has a direct-routed, tunnelled or local server."""
     return any(d.fwd is not Forward.MASQ for d in svc.dests)
 
 
@@ -126,7 +126,7 @@ def skeleton(script, timeouts: Timeouts) -> None:
         # come back in through lo (a local real server).  The clones ``dup``
         # sends pass the output hook too: conntrack-untracked (nf_dup_ipv4/6
         # marks them so), they are left alone.
-        for hook, name, skip in HOOKS:
+        for hook, name, skip in DISPATCH_HOOKS:
             s(f"add chain {t} {name} {{ type filter hook {hook} priority raw; policy accept; }}")
             s(f"add rule {t} {name} {skip}")
             s(f"add rule {t} {name} {ip} daddr . meta l4proto . th dport vmap @dsvc")
