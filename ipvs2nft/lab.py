@@ -130,14 +130,35 @@ class Lab:
         self._wait_ready()
 
     def start_server(self, i: int) -> None:
+        self._serve(self.rs(i), rs4(i))
+
+    def _serve(self, ns: str, name: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         tcp = ",".join(map(str, self.ports_tcp))
         udp = ",".join(map(str, self.ports_udp))
         hold = ",".join(map(str, self.ports_hold))
-        cmd = ["ip", "netns", "exec", self.rs(i), sys.executable, "-m", "ipvs2nft.labnode", "serve",
-               "--name", rs4(i), "--tcp", tcp, "--udp", udp, "--hold", hold]
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "ipvs2nft.labnode", "serve",
+               "--name", name, "--tcp", tcp, "--udp", udp, "--hold", hold, *extra]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.procs.append(p)
+        return p
+
+    @contextlib.contextmanager
+    def serving_on_director(self, name: str = "director", tcp: str = "") -> Iterator[None]:
+        """A real server on the director itself (the lab's ports, every
+        address of the director, both families) for the block: the set-ups
+        where the director is one of its own real servers.  With ``tcp``
+        ("PORT,..."): only those TCP ports, on 127.0.0.1 only."""
+        extra = ("--tcp", tcp, "--udp", "", "--hold", "", "--loopback") if tcp else ()
+        p = self._serve(self.director, name, extra)
+        try:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("the director's server did not start")
+            yield
+        finally:
+            p.kill()
+            p.wait()
+            self.procs.remove(p)
 
     def _wait_ready(self) -> None:
         for p in self.procs:

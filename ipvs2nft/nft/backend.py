@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import replace
 
-from ipvs2nft import notice, sched
+from ipvs2nft import host, notice, sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
@@ -79,7 +79,6 @@ def _first_error(err: str) -> str:
 class NftBackend(Backend):
     """Programs ``table inet ipvs2nft`` from the model."""
 
-    name = "nft"
     checks = True
 
     def __init__(self, store) -> None:
@@ -130,7 +129,7 @@ class NftBackend(Backend):
         Tunnel devices the new table needs are created first (and removed
         again if nftables refuses); those it no longer needs go afterwards.
         """
-        wanted = direct.tunnels(new.table.services)
+        wanted = _tunnels(new.table)
         created = tunnels.ensure(wanted)
         try:
             self._apply(old, new)
@@ -138,7 +137,7 @@ class NftBackend(Backend):
             tunnels.remove(created)
             raise
         self._forget_counters(old.table, new.table)
-        before = tunnels.existing() if old.header_only else set(direct.tunnels(old.table.services))
+        before = tunnels.existing() if old.header_only else set(_tunnels(old.table))
         tunnels.remove(sorted(before - set(wanted)))
 
     def _apply(self, old, new) -> None:
@@ -189,22 +188,23 @@ class NftBackend(Backend):
 
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our tables as a whole (one transaction)."""
-        tunnels.ensure(direct.tunnels(table.services))
-        absent = self._absent(table)
-        carried = self._carry(table, absent)
-        self.nft.run(build.full(carried, generation, absent=absent, live=_live(carried)).text())
+        tunnels.ensure(_tunnels(table))
+        self.nft.run(self.expected_script(table, generation, live=True))
 
     # ------------------------------------------------------------ what this kernel can carry
-    def expected_script(self, table: Table, generation: int) -> str:
-        """The full script our tables should have been loaded from, on this kernel."""
+    def expected_script(self, table: Table, generation: int, live: bool = False) -> str:
+        """The full script our tables should have been loaded from, on this
+        kernel; with ``live``, managed services' choices from live counts
+        (the drift check does not compare those)."""
         absent = self._absent(table)
-        return build.full(self._carry(table, absent), generation, absent=absent).text()
+        carried = self._carry(table, absent)
+        return build.full(carried, generation, absent=absent, live=_live(carried) if live else None).text()
 
     @staticmethod
     def _absent(table: Table) -> frozenset[str]:
         """Tunnel devices the table needs that do not exist (after
         tunnels.ensure: the kernel has no driver for them)."""
-        wanted = direct.tunnels(table.services)
+        wanted = _tunnels(table)
         return frozenset(set(wanted) - tunnels.existing()) if wanted else frozenset()
 
     def _carry(self, table: Table, absent: frozenset[str] | None = None) -> Table:
@@ -212,7 +212,10 @@ class NftBackend(Backend):
         server without its device (no ipip, gre or fou driver) stays in the
         store, in listings and in ``-S`` -- ipvsadm accepted it and IPVS
         would use it -- but is given no new connections here (weight 0, as
-        quiesced) and forwards nothing; syslog says so once."""
+        quiesced) and forwards nothing; syslog says so once.  A direct or
+        tunnelled server that is this host is delivered locally, as IPVS
+        delivers it (direct.local_nodes)."""
+        table = direct.local_nodes(table, host.is_local)
         absent = self._absent(table) if absent is None else absent
         if not absent:
             return table
@@ -338,6 +341,11 @@ def _daemon_stats() -> dict | None:
         return control.ask("stats")
     except control.ControlError:
         return None
+
+
+def _tunnels(table: Table) -> dict:
+    """The tunnel devices the table needs here: none for a local server."""
+    return direct.tunnels(direct.local_nodes(table, host.is_local).services)
 
 
 def _module_env() -> dict:
