@@ -435,8 +435,9 @@ class Conntrack:
         body = b"" if mark is None else _mark_filter(mark, mask)
         flows = []
         append = flows.append
-        for _, _, _, data, pos, end in self._request(IPCTNL_MSG_CT_GET, netlink.NLM_F_DUMP, family, body):
-            append(parse_flow(data, pos + 4, end, data[pos]))
+        with netlink.gc_paused():
+            for _, _, _, data, pos, end in self._request(IPCTNL_MSG_CT_GET, netlink.NLM_F_DUMP, family, body):
+                append(parse_flow(data, pos + 4, end, data[pos]))
         return flows
 
     def get(self, orig: Tuple, zone: int = 0) -> Flow | None:

@@ -502,14 +502,22 @@ class Nfnetlink:
         """Every element of the named set or map.  ``reset``: also zero
         their counters in the same pass (NFT_MSG_GETSETELEM_RESET, kernel
         6.6+).  A dump the kernel flags as interrupted by a concurrent
-        commit is asked again (up to ``retries`` times)."""
+        commit is asked again (up to ``retries`` times).
+
+        The kernel's side grows faster than the set: each 32 KiB part of a
+        dump walks the set from its start again, skipping what it already
+        sent (``nf_tables_dump_set`` sets ``iter.skip``; nft_set_hash.c
+        ``nft_rhash_walk``) -- measured ~7 ms at 10,000 counted elements,
+        ~40 ms at 40,000, ~120-150 ms at 80,000."""
         body = attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
         msg = NFT_MSG_GETSETELEM_RESET if reset else NFT_MSG_GETSETELEM
         for attempt in range(retries + 1):
             found: list[Element] = []
             try:
-                for _, _, _, data, pos, end in self._request(msg, netlink.NLM_F_DUMP, _family(family), body):
-                    parse_elements(data, pos + 4, end, found)
+                answers = self._request(msg, netlink.NLM_F_DUMP, _family(family), body)
+                with netlink.gc_paused():
+                    for _, _, _, data, pos, end in answers:
+                        parse_elements(data, pos + 4, end, found)
             except netlink.DumpInterrupted:
                 if attempt == retries or reset:
                     raise
