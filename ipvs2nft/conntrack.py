@@ -424,8 +424,8 @@ class Conntrack:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, msg: int, flags: int, family: int, body: bytes = b""):
-        return self._nl.request((NFNL_SUBSYS_CTNETLINK << 8) | msg, flags, family, body)
+    def _request(self, msg: int, flags: int, family: int, body: bytes = b"", version: int = 0):
+        return self._nl.request((NFNL_SUBSYS_CTNETLINK << 8) | msg, flags, family, body, version=version)
 
     def dump(self, mark: int | None = None, mask: int = 0xFFFFFFFF,
              family: int = socket.AF_UNSPEC) -> list[Flow]:
@@ -471,7 +471,12 @@ class Conntrack:
         A zero ``mask`` would match every flow of the namespace: refused."""
         if not mask & 0xFFFFFFFF:
             raise ValueError("delete_marked with mask 0 would flush the whole conntrack table")
-        list(self._request(IPCTNL_MSG_CT_DELETE, netlink.NLM_F_ACK, family, _mark_filter(mark, mask)))
+        # A flush ignores nfgen_family unless nfgenmsg.version is non-zero
+        # (ctnetlink_del_conntrack: ``u3 = version || CTA_FILTER ? family :
+        # AF_UNSPEC``); measured on 6.18: version 0 and AF_INET6 deleted IPv4 flows.
+        version = 1 if family != socket.AF_UNSPEC else 0
+        body = _mark_filter(mark, mask)
+        list(self._request(IPCTNL_MSG_CT_DELETE, netlink.NLM_F_ACK, family, body, version))
 
 
 # ---------------------------------------------------------------- events

@@ -149,10 +149,11 @@ def text(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def message(kind: int, flags: int, seq: int, family: int, body: bytes = b"", res_id: int = 0) -> bytes:
+def message(kind: int, flags: int, seq: int, family: int, body: bytes = b"", res_id: int = 0,
+            version: int = NFNETLINK_V0) -> bytes:
     """One nfnetlink message: nlmsghdr + nfgenmsg + attributes."""
     return (HEADER.pack(HEADER_LEN + NFGEN_LEN + len(body), kind, flags, seq, 0)
-            + struct.pack("=BBH", family, NFNETLINK_V0, socket.htons(res_id)) + body)
+            + struct.pack("=BBH", family, version, socket.htons(res_id)) + body)
 
 
 @contextlib.contextmanager
@@ -256,13 +257,13 @@ class NetlinkSocket:
 
     # ------------------------------------------------------------ requests
     def request(self, kind: int, flags: int, family: int, body: bytes = b"",
-                res_id: int = 0) -> Iterator[Message]:
+                res_id: int = 0, version: int = NFNETLINK_V0) -> Iterator[Message]:
         """Send one request; yield each answer message.  A dump
         (NLM_F_DUMP) ends at NLMSG_DONE, anything else after its first
         answer or its acknowledgement.  Raises NetlinkError for an error
         answer, DumpInterrupted when the kernel flags an inconsistent dump."""
         seq = self.next_seq()
-        self._sock.send(message(kind, NLM_F_REQUEST | flags, seq, family, body, res_id))
+        self._sock.send(message(kind, NLM_F_REQUEST | flags, seq, family, body, res_id, version))
         dump = flags & NLM_F_DUMP == NLM_F_DUMP
         interrupted = False
         while True:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -217,6 +218,17 @@ def test_filtered_flush_deletes_only_the_masked_marks(lab):
     assert "dport=80 " not in listed and "dport=8080 " in listed
 
 
+def test_filtered_flush_of_one_family(lab):
+    """The kernel ignores the family of a flush unless nfgenmsg.version is
+    set; delete_marked sets it."""
+    connect(lab, VIP4, 80, 2)
+    connect(lab, VIP6, 80, 2)
+    with opened(lab, Conntrack) as ct:
+        assert sorted(f.family for f in ct.dump(0x101)) == [socket.AF_INET] * 2 + [socket.AF_INET6] * 2
+        ct.delete_marked(0x101, family=socket.AF_INET6)
+        assert [f.family for f in ct.dump(0x101)] == [socket.AF_INET] * 2
+
+
 # ---------------------------------------------------------------- set elements
 
 def test_set_elements_with_counters_match_nft(lab):
@@ -353,3 +365,17 @@ def test_monitor_overflow_is_reported(lab):
         nft_file(lab, lines)
         with pytest.raises(EventsLost):
             monitor.read()
+
+
+def test_monitor_names_ipvsadm_as_the_committer(lab, tmp_path):
+    env = dict(os.environ, IPVS2NFT_STATE=str(tmp_path / "state.json"), IPVS2NFT_BACKEND="nft")
+    ipvsadm = str(Path(sys.executable).parent / "ipvsadm")
+    try:
+        with opened(lab, Monitor) as monitor:
+            subprocess.run(["ip", "netns", "exec", lab.director, ipvsadm, "-A", "-t", f"{VIP4}:99"], env=env,
+                           check=True, capture_output=True)
+            done = _transactions(monitor)
+        assert done and all(t.proc == "ipvsadm" and t.pid != os.getpid() for t in done)
+        assert any(t.touches("inet", "ipvs2nft") for t in done)
+    finally:
+        lab.ns(lab.director, "nft", "flush", "ruleset")
