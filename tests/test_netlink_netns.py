@@ -201,6 +201,12 @@ def test_get_and_delete(lab):
         assert ct.delete(first.orig) is True
         assert ct.get(first.orig) is None and ct.delete(first.orig) is False
         assert [f.id for f in ct.dump(0x101)] == [second.id]
+    connect(lab, VIP4, 443, 1)
+    with opened(lab, Conntrack) as ct:
+        [zoned] = ct.dump(0x102)
+        assert zoned.zone == ZONE and ct.get(zoned.orig) is None  # a tuple is looked up in one zone
+        assert ct.get(zoned.orig, zone=ZONE).id == zoned.id
+        assert ct.delete(zoned.orig, zone=ZONE) and ct.dump(0x102) == []
 
 
 def test_filtered_flush_deletes_only_the_masked_marks(lab):
