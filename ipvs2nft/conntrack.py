@@ -39,6 +39,8 @@ from ipvs2nft.netlink import (
     EventsLost,
     NetlinkError,
     NetlinkSocket,
+    Record,
+    SocketOwner,
     attr,
     attr_be16,
     attr_be32,
@@ -138,7 +140,7 @@ def addr_text(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
-class Flow:
+class Flow(Record):
     """One conntrack entry (or event) as ctnetlink described it.
 
     ``timeout`` (seconds left), ``tcp_state``, ``labels`` and the counters
@@ -180,11 +182,6 @@ class Flow:
         labels = self.labels or b""
         return bit // 8 < len(labels) and bool(labels[bit // 8] >> (bit % 8) & 1)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Flow) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         state = f" {TcpState(self.tcp_state).name}" if self.tcp_state is not None else ""
         return (f"<Flow id={self.id} {self.orig} reply {self.reply}{state} mark={self.mark:#x} "
@@ -222,16 +219,15 @@ _V4_HEADERS, _V6_HEADERS = _tuple_headers(4), _tuple_headers(16)
 _new = tuple.__new__  # Tuple(...) without NamedTuple's Python-level __new__
 
 
+_FAST = {48: (_V4, _V4_HEADERS), 72: (_V6, _V6_HEADERS)}
+
+
 def _tuple(data: bytes, pos: int, end: int) -> Tuple:
     """CTA_TUPLE_ORIG/REPLY: nested CTA_TUPLE_IP and CTA_TUPLE_PROTO."""
-    size = end - pos
-    if size == 48:
-        h0, h1, src, h2, dst, h3, h4, proto, h5, sport, h6, dport = _V4(data, pos)
-        if (h0, h1, h2, h3, h4, h5, h6) == _V4_HEADERS:
-            return _new(Tuple, (proto, src, dst, sport, dport))
-    elif size == 72:
-        h0, h1, src, h2, dst, h3, h4, proto, h5, sport, h6, dport = _V6(data, pos)
-        if (h0, h1, h2, h3, h4, h5, h6) == _V6_HEADERS:
+    fast = _FAST.get(end - pos)
+    if fast is not None:
+        h0, h1, src, h2, dst, h3, h4, proto, h5, sport, h6, dport = fast[0](data, pos)
+        if (h0, h1, h2, h3, h4, h5, h6) == fast[1]:
             return _new(Tuple, (proto, src, dst, sport, dport))
     return _tuple_walk(data, pos, end)
 
@@ -239,37 +235,20 @@ def _tuple(data: bytes, pos: int, end: int) -> Tuple:
 def _tuple_walk(data: bytes, pos: int, end: int) -> Tuple:
     proto = sport = dport = 0
     src = dst = b""
-    while pos < end:
-        length, kind = _NLA(data, pos)
-        if length < 4:
-            break
-        kind &= 0x3FFF
-        inner, stop = pos + 4, pos + length
-        if kind == CTA_TUPLE_IP:
-            while inner < stop:
-                ilen, ikind = _NLA(data, inner)
-                if ilen < 4:
-                    break
-                ikind &= 0x3FFF
-                if ikind == CTA_IP_V4_SRC or ikind == CTA_IP_V6_SRC:
-                    src = data[inner + 4:inner + ilen]
-                elif ikind == CTA_IP_V4_DST or ikind == CTA_IP_V6_DST:
-                    dst = data[inner + 4:inner + ilen]
-                inner += (ilen + 3) & ~3
-        elif kind == CTA_TUPLE_PROTO:
-            while inner < stop:
-                ilen, ikind = _NLA(data, inner)
-                if ilen < 4:
-                    break
-                ikind &= 0x3FFF
-                if ikind == CTA_PROTO_NUM:
-                    proto = data[inner + 4]
-                elif ikind == CTA_PROTO_SRC_PORT:
-                    sport = _BE16(data, inner + 4)[0]
-                elif ikind == CTA_PROTO_DST_PORT:
-                    dport = _BE16(data, inner + 4)[0]
-                inner += (ilen + 3) & ~3
-        pos += (length + 3) & ~3
+    for kind, value in netlink.attrs(data, pos, end):
+        for inner, field in netlink.attrs(value):
+            if kind == CTA_TUPLE_IP:
+                if inner in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = field
+                elif inner in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = field
+            elif kind == CTA_TUPLE_PROTO:
+                if inner == CTA_PROTO_NUM:
+                    proto = field[0]
+                elif inner == CTA_PROTO_SRC_PORT:
+                    sport = _BE16(field)[0]
+                elif inner == CTA_PROTO_DST_PORT:
+                    dport = _BE16(field)[0]
     return Tuple(proto, src, dst, sport, dport)
 
 
@@ -409,20 +388,11 @@ def _open(groups: Iterable[int] = (), rcvbuf: int | None = None) -> NetlinkSocke
 
 # ---------------------------------------------------------------- requests
 
-class Conntrack:
+class Conntrack(SocketOwner):
     """Requests to the conntrack table of the caller's network namespace."""
 
     def __init__(self) -> None:
         self._nl = _open()
-
-    def close(self) -> None:
-        self._nl.close()
-
-    def __enter__(self) -> Conntrack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _request(self, msg: int, flags: int, family: int, body: bytes = b"", version: int = 0):
         return self._nl.request((NFNL_SUBSYS_CTNETLINK << 8) | msg, flags, family, body, version=version)
@@ -513,7 +483,7 @@ def mark_filter_program(mark: int, mask: int) -> list[tuple[int, int, int, int]]
     ]
 
 
-class Events:
+class Events(SocketOwner):
     """A ctnetlink event subscription, for a selectors/asyncio loop.
 
     ``kinds``: which of NEW, UPDATE, DESTROY (the kernel builds an event
@@ -539,21 +509,9 @@ class Events:
                 self._nl.close()
                 raise
 
-    def fileno(self) -> int:
-        return self._nl.fileno()
-
     @property
     def rcvbuf(self) -> int:
         return self._nl.rcvbuf
-
-    def close(self) -> None:
-        self._nl.close()
-
-    def __enter__(self) -> Events:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def read(self, limit: int = 65536) -> list[tuple[Event, Flow]]:
         """Every event waiting (at most ``limit`` datagrams), oldest first,

@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
+from typing import Self
 
 NETLINK_NETFILTER = 12  # <linux/netlink.h>
 SOL_NETLINK = 270  # <linux/socket.h>
@@ -241,7 +242,7 @@ class NetlinkSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> NetlinkSocket:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -327,6 +328,39 @@ class NetlinkSocket:
             if timeout is not None:
                 self._sock.settimeout(timeout)
         return out, lost
+
+
+class Record:
+    """Equality field by field for the parsers' ``__slots__`` records
+    (slots keep them small and quick to make: the hot loops make one per
+    flow, element or event)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        same = type(other) is type(self)
+        return same and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class SocketOwner:
+    """``fileno``, ``close`` and ``with`` for the clients that each own one
+    NetlinkSocket (as ``_nl``)."""
+
+    _nl: NetlinkSocket
+
+    def fileno(self) -> int:
+        return self._nl.fileno()
+
+    def close(self) -> None:
+        self._nl.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def split(data: bytes) -> Iterator[Message]:
