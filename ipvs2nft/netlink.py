@@ -33,6 +33,7 @@ from typing import Self
 NETLINK_NETFILTER = 12  # <linux/netlink.h>
 SOL_NETLINK = 270  # <linux/socket.h>
 NETLINK_ADD_MEMBERSHIP = 1  # <linux/netlink.h>
+NETLINK_CAP_ACK = 10  # errors without a copy of the refused request
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; Python 3.11 lacks the names
 SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
 
@@ -196,6 +197,9 @@ class NetlinkSocket:
                                    NETLINK_NETFILTER)
         try:
             self._sock.bind((0, 0))  # the kernel picks a unique port id
+            # An error answer would otherwise carry the whole refused message back:
+            # up to 64 KiB for a batch message full of elements (netlink_ack).
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             if rcvbuf:
                 self._set_rcvbuf(rcvbuf)
             for group in groups:
