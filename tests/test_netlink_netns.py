@@ -385,3 +385,26 @@ def test_monitor_names_ipvsadm_as_the_committer(lab, tmp_path):
         assert any(t.touches("inet", "ipvs2nft") for t in done)
     finally:
         lab.ns(lab.director, "nft", "flush", "ruleset")
+
+
+def test_big_batch_is_one_transaction(lab):
+    """20,000 elements need several messages (an attribute holds < 64 KiB);
+    they still commit as one generation, or not at all."""
+    nft_file(lab, f"add map inet {TABLE} many {{ type mark : verdict; }}")
+    with opened(lab, Nfnetlink) as nl:
+        genid = nl.genid()
+        batch = Batch("inet", TABLE)
+        for i in range(20000):
+            batch.add("many", _mark(i), Verdict.goto(f"rs{i % 2}"))
+        assert batch.message_count() > 3
+        assert nl.commit(batch) == genid + 1 == nl.genid()
+        elements = nl.set_elements("inet", TABLE, "many")
+        assert len(elements) == 20000 and {e.chain for e in elements} == {"rs0", "rs1"}
+        again = Batch("inet", TABLE)
+        for i in range(20000, 40000):
+            again.add("many", _mark(i), Verdict.goto("rs0"))
+        again.add("many", _mark(40000), Verdict.goto("nosuchchain"))
+        with pytest.raises(NetlinkError) as refused:
+            nl.commit(again)
+        assert refused.value.index == again.message_count() - 1 and nl.genid() == genid + 1
+        assert len(nl.set_elements("inet", TABLE, "many")) == 20000
