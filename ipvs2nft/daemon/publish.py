@@ -151,7 +151,8 @@ class Publisher:
         count = self.position(svc)
         k = prediction_k = dynsched.prediction_length(svc)
         accounted = record.accounted
-        if accounted is None or accounted > count or svc.persistent or svc.scheduler in dynsched.LOCALITY:
+        if (accounted is None or accounted > count or svc.persistent or svc.scheduler in dynsched.LOCALITY
+                or direct.is_direct(svc)):  # direct flows are polled, not reported one by one
             accounted = count
         if accounted < count and record.dyn is not None and len(record.dyn) == k:
             live = _with_picks(svc, live, [record.dyn[pos % k] - build.slot_base(svc)

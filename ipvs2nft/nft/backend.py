@@ -168,7 +168,7 @@ class NftBackend(Backend):
         if gone:
             from ipvs2nft.nft import readback
 
-            readback.zero(gone)
+            readback.zero(gone, rids={d.rid for s in old.services if s.sid in gone for d in s.dests})
 
     def _whole(self, old, new) -> Table:
         """The full table after the change.  A partial snapshot holds only
@@ -250,7 +250,7 @@ class NftBackend(Backend):
         from ipvs2nft.nft import readback
 
         sids = {s.sid for s in services if s.sid}
-        readback.zero(sids)
+        readback.zero(sids, rids={d.rid for s in services for d in s.dests})
         control.tell("zeroed", sids=sorted(sids))
 
     # ------------------------------------------------------------ checking

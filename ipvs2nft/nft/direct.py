@@ -12,7 +12,7 @@ skip the nat chains and the director answers RST).  So dispatch runs in a
 filter chain at priority ``raw``, before conntrack, for address services,
 and at ``mangle + 1`` for fwmark services (after the rules that set the
 mark).  Conntrack keeps no state for these flows, so a dynamic set
-``flows`` (client address . client port . rid) sends every packet of a flow
+``flows`` (client address . port . virtual address . port . rid) sends every packet of a flow
 to the server its first packet went to; its timeouts follow ``--set``
 (tcpfin once a FIN or RST was seen).
 
@@ -115,8 +115,16 @@ def skeleton(script, timeouts: Timeouts) -> None:
         s(f"add map {t} dslots {{ type classid : verdict; }}")
         # numgen value -> fixed slot, for services scheduled from live counts (build.py)
         s(f"add map {t} ddyn {{ typeof numgen inc mod 2 : meta priority; flags dynamic; }}")
-        s(f"add set {t} flows {{ type {addr} . inet_service . mark; flags dynamic,timeout; "
-          f"size {FLOW_SIZE}; }}")
+        s(f"add set {t} flows {{ type {addr} . inet_service . {addr} . inet_service . mark; "
+          f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
+        # IPVS's statistics of direct-routed and tunnelled servers, per rid:
+        # packets and bytes in (the director never sees their replies) and
+        # new connections; masqueraded and local ones are counted by
+        # conntrack in the inet table
+        s(f"add set {t} dstat {{ type mark; flags dynamic; counter; size {FLOW_SIZE}; }}")
+        s(f"add set {t} dconn {{ type mark; flags dynamic; counter; size {FLOW_SIZE}; }}")
+        s(f"add set {t} fins {{ type {addr} . inet_service . {addr} . inet_service . mark; "
+          f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
         s(f"add set {t} persist {{ type {addr} . mark; flags dynamic,timeout; size {FLOW_SIZE}; }}")
         s(f"add chain {t} unreachable")
         s(f"add rule {t} unreachable reject with icmp{'v6' if fam == '6' else ''} type port-unreachable")
@@ -156,7 +164,11 @@ def _client(svc: Service) -> str:
 
 
 def _flow_key(svc: Service, fam: str) -> str:
-    return f"{_ip(fam)} saddr . th sport"
+    """A flow: client address and port, and the address and port it was
+    sent to (what ``-L -c`` shows as virtual; one fwmark service spans
+    several)."""
+    ip = _ip(fam)
+    return f"{ip} saddr . th sport . {ip} daddr . th dport"
 
 
 def _not_one_packet(svc: Service) -> str | None:
@@ -199,11 +211,26 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts, absent: frozenset[str
     elif svc.protocol == 17 and not svc.fwmark:
         rules = [f"update @flows {{ {key} timeout {timeouts.udp}s }}"]
     else:
-        rules = [f"tcp flags & (fin | rst) != 0 update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
-                 f"tcp flags & (fin | rst) == 0 update @flows {{ {key} timeout {timeouts.tcp}s }}",
+        # IPVS's INPUT-ONLY TCP states: the client's FIN or RST ends the
+        # active part (tcpfin timeout) and the ACKs that follow do not bring
+        # it back; a new SYN on the same ports does.  ``fins`` remembers the
+        # closing flows for as long.
+        looked = f"{_flow_key(svc, fam)} . meta mark & 0x0 | {dest.rid:#010x}"
+        rules = [f"tcp flags & syn != 0 delete @fins {{ {key} }}",
+                 f"tcp flags & (fin | rst) != 0 update @fins {{ {key} timeout {timeouts.tcpfin}s }}",
+                 f"meta l4proto tcp {looked} @fins update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
+                 f"meta l4proto tcp {looked} != @fins update @flows {{ {key} timeout {timeouts.tcp}s }}",
                  f"meta l4proto != tcp {only}update @flows {{ {key} timeout {timeouts.udp}s }}"]
     if svc.persistent:
         rules.append(f"update @persist {{ {_client(svc)} . {dest.rid:#010x} timeout {svc.timeout}s }}")
+    counted = ""
+    if dest.fwd in (Forward.ROUTE, Forward.TUNNEL):
+        rid = f"meta mark & 0x0 | {dest.rid:#010x}"
+        # a new connection: its first packet, before the flow is remembered
+        # (with -o every datagram is one, as IPVS counts them)
+        rules.insert(0, f"update @dconn {{ {rid} }}" if only is None
+                     else f"{_flow_key(svc, fam)} . {rid} != @flows update @dconn {{ {rid} }}")
+        counted = f"update @dstat {{ {rid} }} "
     if dest.fwd in (Forward.MASQ, Forward.LOCAL):
         # handed on to inet ipvs2nft, which DNATs from this key (MASQ) or
         # lets the connection go on to the local stack (LOCAL, inet_elements)
@@ -211,9 +238,10 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts, absent: frozenset[str
     elif dest.fwd is Forward.TUNNEL and tunnel_device(dest) in absent:
         rules.append("counter drop")  # no device on this kernel; the server is not scheduled
     elif dest.fwd is Forward.TUNNEL:
-        rules.append(f"counter dup to {_tunnel_nexthop(svc, dest)} device \"{tunnel_device(dest)}\" drop")
+        device = tunnel_device(dest)
+        rules.append(f"counter {counted}dup to {_tunnel_nexthop(svc, dest)} device \"{device}\" drop")
     else:
-        rules.append(f"counter dup to {dest.addr} drop")
+        rules.append(f"counter {counted}dup to {dest.addr} drop")
     return rules
 
 
