@@ -59,6 +59,9 @@ class Lab:
     clients: int = 4  # client addresses 198.51.100.2 .. (2+clients-1)
     vips: tuple[str, ...] = (VIP4, "192.168.0.41", "192.168.0.42")
     state_dir: Path | None = None
+    # where ipvsadm and ipvs2nft are: beside the running Python (the venv's
+    # bin/) unless named, e.g. /usr/sbin for the installed Debian package
+    bin_dir: Path | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
 
@@ -193,13 +196,20 @@ class Lab:
         env["IPVS2NFT_BACKEND"] = "nft"
         return env
 
+    def command(self, prog: str) -> str:
+        """The path of one of our commands (ipvsadm, ipvsadm-restore, ipvs2nft...)."""
+        where = Path(self.bin_dir) if self.bin_dir is not None else Path(sys.executable).parent
+        path = where / prog
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (Lab.bin_dir names where our commands are)")
+        return str(path)
+
     def ipvsadm(self, args: str | list[str], stdin: str | None = None, check: bool = True,
                 prog: str = "ipvsadm") -> subprocess.CompletedProcess:
         """Run our ipvsadm inside the director namespace."""
         argv = shlex.split(args) if isinstance(args, str) else list(args)
-        exe = str(Path(sys.executable).parent / prog)
-        p = subprocess.run(["ip", "netns", "exec", self.director, exe, *argv], input=stdin, text=True,
-                           capture_output=True, env=self.env())
+        p = subprocess.run(["ip", "netns", "exec", self.director, self.command(prog), *argv], input=stdin,
+                           text=True, capture_output=True, env=self.env())
         if check and p.returncode != 0:
             raise AssertionError(f"ipvsadm {args} failed ({p.returncode}): {p.stderr}")
         return p
@@ -258,9 +268,8 @@ class Lab:
         listener.settimeout(timeout)
         env = self.env()
         env["NOTIFY_SOCKET"] = path
-        exe = str(Path(sys.executable).parent / "ipvs2nft")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.director, exe, "daemon", *args], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = ["ip", "netns", "exec", self.director, self.command("ipvs2nft"), "daemon", *args]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(proc)
         messages = []
         try:

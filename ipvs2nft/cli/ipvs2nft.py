@@ -64,7 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the ruleset keeps forwarding with the last choices.")
     dm.add_argument("--resync", type=float, default=10.0, metavar="SECONDS",
                     help="full conntrack dump every SECONDS (events are only hints; default 10)")
+    dm.add_argument("--metrics", type=_listen_address, metavar="ADDRESS:PORT",
+                    help="serve Prometheus metrics on http://ADDRESS:PORT/metrics: node_exporter's ipvs "
+                         "collector (node_ipvs_*, same names and labels) and ipvs2nft_* "
+                         "(e.g. 127.0.0.1:9120, [::1]:9120, :9120 for every address)")
+    dm.add_argument("--metrics-textfile", metavar="PATH",
+                    help="write the same metrics (without process_*) to PATH every 2 seconds for "
+                         "node_exporter's textfile collector (PATH must end in .prom); removed at exit")
     return ap
+
+
+def _listen_address(text: str):
+    from ipvs2nft.daemon.metrics import listen_address
+
+    try:
+        return listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _snat_value(mode: str) -> str:
@@ -239,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_snat(args)
         if args.command == "daemon":
             from ipvs2nft.daemon.main import main as daemon_main
+            from ipvs2nft.daemon.metrics import extensions
 
-            return daemon_main(args)
+            return daemon_main(args, extensions(args))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users

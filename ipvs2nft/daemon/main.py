@@ -419,15 +419,15 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
-def main(args) -> int:
-    """``ipvs2nft daemon``."""
+def main(args, extensions=()) -> int:
+    """``ipvs2nft daemon`` with these extensions (metrics...)."""
     from ipvs2nft.privilege import may_administer_network
     from ipvs2nft.store import Store
 
     if not may_administer_network():
         _log("Permission denied (you must be root)")
         return 2
-    daemon = Daemon(Store(), resync_every=getattr(args, "resync", RESYNC_EVERY))
+    daemon = Daemon(Store(), resync_every=getattr(args, "resync", RESYNC_EVERY), extensions=extensions)
     try:
         return asyncio.run(daemon.run())
     except DaemonError as exc:

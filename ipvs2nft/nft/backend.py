@@ -286,7 +286,7 @@ class NftBackend(Backend):
         expected = self.expected_script(snapshot.table, snapshot.generation)
         # The scratch namespace loads and lists while we list the kernel's
         # tables: at 10,000 services each side takes about a second.
-        child = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
+        child = subprocess.Popen(["unshare", "-n", sys.executable, "-P", "-m", "ipvs2nft.nft.scratch"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, env=_module_env())
         chunks: list[str] = []
@@ -349,10 +349,14 @@ def _tunnels(table: Table) -> dict:
 
 
 def _module_env() -> dict:
-    """Run our own modules in the child whatever the caller's sys.path."""
-    from pathlib import Path
+    """Run our own modules in the child whatever the caller's sys.path: the
+    directory this package was imported from (a checkout, a venv, Debian's
+    dist-packages), not the working directory, which ``-m`` would put first
+    (the child runs with ``-P``): an ipvsadm started from inside another
+    checkout must not load that checkout's code."""
+    import ipvs2nft
 
-    root = str(Path(__file__).resolve().parent.parent.parent)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ipvs2nft.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
