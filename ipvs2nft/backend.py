@@ -18,7 +18,6 @@ if False:  # typing.TYPE_CHECKING: listing is imported only by the commands that
 class Backend:
     """Does nothing: the state file is the whole table."""
 
-    name = "none"
     checks = False  # nothing in a kernel to check against the store
 
     def observe(self, table: Table, services: list[Service]) -> Table:

@@ -247,7 +247,8 @@ class LiveTable:
                     pair = fresh.setdefault(conn.dest, [0, 0])
                     pair[0 if conn.active else 1] += 1
             svc = self._service(key)
-            for dest_key in set(loads) | set(fresh):
+            direct = {d.key for d in svc.dests if d.fwd.value in ("route", "tunnel")} if svc else set()
+            for dest_key in (set(loads) | set(fresh)) - direct:  # direct servers: set_direct counts them
                 load = loads.setdefault(dest_key, dynsched.Load())
                 active, inactive = fresh.get(dest_key, (0, 0))
                 if (load.active, load.inactive) != (active, inactive):
@@ -271,6 +272,31 @@ class LiveTable:
         members = table.entries.setdefault(conn.daddr, [])
         if conn.dest not in members:
             members.insert(0, conn.dest)
+
+    def set_direct(self, counts: dict) -> set[ServiceKey]:
+        """The connections of direct-routed and tunnelled servers, which
+        conntrack never sees: counted from the direct tables' flow memory
+        (readback.direct_counts: ServiceKey -> Dest.key -> (active,
+        inactive)).  Such a server has no conntrack connections, so its
+        counts are replaced; the overload flag is re-evaluated (mode 0).
+        Returns the services whose counts changed."""
+        from ipvs2nft.model import Forward
+
+        changed = set()
+        for svc in self._by_key.values():
+            direct = [d for d in svc.dests if d.fwd in (Forward.ROUTE, Forward.TUNNEL)]
+            if not direct:
+                continue
+            loads = self.state.loads.setdefault(svc.key, {})
+            got = counts.get(svc.key, {})
+            for d in direct:
+                active, inactive = got.get(d.key, (0, 0))
+                load = dynsched.load_of(loads, d)
+                if (load.active, load.inactive) != (active, inactive):
+                    load.active, load.inactive = active, inactive
+                    dynsched.recount_overload(d, load)
+                    changed.add(svc.key)
+        return changed
 
     def take_created(self) -> dict[ServiceKey, int]:
         """New connections per service since the last call."""

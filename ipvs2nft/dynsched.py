@@ -315,19 +315,25 @@ def new_connection_is_active(svc: Service) -> bool:
 
 
 def predict(svc: Service, loads: Loads, count: int, daddr=None, table: Locality | None = None,
-            st: SchedState | None = None) -> list[Dest | None]:
+            st: SchedState | None = None, states: list | None = None) -> list[Dest | None]:
     """The next ``count`` choices, assuming each new connection stays open
     (bound as active for TCP, inactive for UDP, and pushing its server to
-    the overload flag when it reaches -x).  Inputs are not changed."""
+    the overload flag when it reaches -x).  Inputs are not changed.  With
+    ``states``, rr/wrr's state before each choice and after the last is
+    appended to it."""
     loads = {k: v.copy() for k, v in loads.items()}
     table = table.copy() if table is not None else Locality()  # one table for all the steps
     active = new_connection_is_active(svc)
     out = []
     for _ in range(count):
+        if states is not None:
+            states.append(st)
         dest, st = schedule(svc, loads, daddr, table, st)
         out.append(dest)
         if dest is not None:
             bind(dest, load_of(loads, dest), active)
+    if states is not None:
+        states.append(st)
     return out
 
 
@@ -367,24 +373,28 @@ class LiveState:
 
     loads: dict = field(default_factory=dict)
     localities: dict = field(default_factory=dict)
+    # rr/wrr's state where the data plane is now, when the daemon follows it
+    # (a thresholded rr/wrr service is walked through predictions, so the
+    # store's state, advanced only by ipvsadm, lags behind)
+    sched: dict = field(default_factory=dict)
 
-    def prediction(self, svc: Service) -> list[Dest | None]:
+    def prediction(self, svc: Service, states: list | None = None) -> list[Dest | None]:
         loads = self.loads.get(svc.key, {})
         table = self.localities.get(svc.key)
         # misses of a fwmark service's locality table are new destination
         # addresses; a normal service has one, its VIP
         daddr = None if svc.fwmark else svc.addr
-        st = svc.sched if sched.is_sequence(svc) else None
-        return predict(svc, loads, prediction_length(svc), daddr, table, st)
+        st = self.sched.get(svc.key, svc.sched) if sched.is_sequence(svc) else None
+        return predict(svc, loads, prediction_length(svc), daddr, table, st, states)
 
 
 NO_LIVE = LiveState()
 
 
-def slots(svc: Service, live: LiveState | None = None) -> sched.Slots:
+def slots(svc: Service, live: LiveState | None = None, states: list | None = None) -> sched.Slots:
     """The slot table of a managed service: one fixed slot per real server
-    and the prediction as indices into them."""
+    and the prediction as indices into them (``states``: see predict)."""
     index = {d.key: i for i, d in enumerate(svc.dests)}
-    picks = (live or NO_LIVE).prediction(svc) if svc.dests else []
+    picks = (live or NO_LIVE).prediction(svc, states) if svc.dests else []
     dyn = tuple(-1 if d is None else index[d.key] for d in picks)
     return sched.Slots(svc.dests, dyn=dyn)

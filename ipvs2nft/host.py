@@ -48,23 +48,55 @@ def _interface_ipv4(name: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def local_broadcasts() -> frozenset[str]:
-    """Broadcast entries of the local routing table (/proc/net/fib_trie),
-    read once per process (a -R of 40,000 real servers asks 40,000 times)."""
-    found: set[str] = set()
+def _fib_trie() -> tuple[tuple[str, int, str], ...]:
+    """(address, prefix length, type) of every route /proc/net/fib_trie
+    lists (``|-- 127.0.0.0`` then ``/8 host LOCAL``), read once per process:
+    a -R of 40,000 real servers asks 40,000 times."""
+    found: list[tuple[str, int, str]] = []
     try:
         with open("/proc/net/fib_trie", encoding="ascii") as f:
             lines = f.read().splitlines()
     except OSError:
-        return frozenset()
+        return ()
     last = None
     for line in lines:
         text = line.strip()
         if text.startswith(("|--", "+--")):
             last = text[3:].split()[0]
-        elif text.startswith("/32") and text.endswith("BROADCAST") and last:
-            found.add(last)
-    return frozenset(found)
+        elif text.startswith("/") and last:
+            words = text.split()
+            if words[0][1:].isdigit():
+                found.append((last, int(words[0][1:]), words[-1]))
+    return tuple(found)
+
+
+def local_broadcasts() -> frozenset[str]:
+    """Broadcast entries of the local routing table (/32 BROADCAST)."""
+    return frozenset(addr for addr, plen, kind in _fib_trie() if plen == 32 and kind == "BROADCAST")
+
+
+def forget() -> None:
+    """Read the routing table afresh next time (after changing namespace)."""
+    _fib_trie.cache_clear()
+
+
+def is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Would the kernel deliver a packet for ``addr`` to this host?
+
+    IPVS asks the route of each packet it forwards (``__ip_vs_get_out_rt``:
+    RTCF_LOCAL; for IPv6 a route through the loopback device) and hands a
+    direct-routed or tunnelled connection whose real server is local to the
+    local stack instead (``ip_vs_send_or_cont(..., local=1)``).  IPv4: a
+    LOCAL route of the local table (all of 127.0.0.0/8, every address
+    configured here); IPv6: an address configured on an interface (``::1``
+    on a ``lo`` that is up)."""
+    if addr.version == 6:
+        return is_local_v6(addr)
+    number = int(addr)
+    for net, plen, kind in _fib_trie():
+        if kind == "LOCAL" and number >> (32 - plen) == int(ipaddress.IPv4Address(net)) >> (32 - plen):
+            return True
+    return False
 
 
 def is_local_v6(addr: ipaddress.IPv6Address) -> bool:

@@ -52,7 +52,7 @@ def _with_dests(svc: Service, dests: tuple[Dest, ...], state=None) -> Service:
     several times cheaper than dataclasses.replace on a -R of 40,000 lines."""
     return Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark, svc.scheduler, svc.flags,
                    svc.timeout, svc.netmask, svc.pe_name, dests, svc.sid,
-                   svc.sched if state is None else state)
+                   svc.sched if state is None else state, svc.plan)
 
 
 def _put(table: Table, svc: Service) -> Table:

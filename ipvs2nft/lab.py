@@ -59,6 +59,9 @@ class Lab:
     clients: int = 4  # client addresses 198.51.100.2 .. (2+clients-1)
     vips: tuple[str, ...] = (VIP4, "192.168.0.41", "192.168.0.42")
     state_dir: Path | None = None
+    # where ipvsadm and ipvs2nft are: beside the running Python (the venv's
+    # bin/) unless named, e.g. /usr/sbin for the installed Debian package
+    bin_dir: Path | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
 
@@ -130,14 +133,35 @@ class Lab:
         self._wait_ready()
 
     def start_server(self, i: int) -> None:
+        self._serve(self.rs(i), rs4(i))
+
+    def _serve(self, ns: str, name: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         tcp = ",".join(map(str, self.ports_tcp))
         udp = ",".join(map(str, self.ports_udp))
         hold = ",".join(map(str, self.ports_hold))
-        cmd = ["ip", "netns", "exec", self.rs(i), sys.executable, "-m", "ipvs2nft.labnode", "serve",
-               "--name", rs4(i), "--tcp", tcp, "--udp", udp, "--hold", hold]
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "ipvs2nft.labnode", "serve",
+               "--name", name, "--tcp", tcp, "--udp", udp, "--hold", hold, *extra]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.procs.append(p)
+        return p
+
+    @contextlib.contextmanager
+    def serving_on_director(self, name: str = "director", tcp: str = "") -> Iterator[None]:
+        """A real server on the director itself (the lab's ports, every
+        address of the director, both families) for the block: the set-ups
+        where the director is one of its own real servers.  With ``tcp``
+        ("PORT,..."): only those TCP ports, on 127.0.0.1 only."""
+        extra = ("--tcp", tcp, "--udp", "", "--hold", "", "--loopback") if tcp else ()
+        p = self._serve(self.director, name, extra)
+        try:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("the director's server did not start")
+            yield
+        finally:
+            p.kill()
+            p.wait()
+            self.procs.remove(p)
 
     def _wait_ready(self) -> None:
         for p in self.procs:
@@ -172,13 +196,20 @@ class Lab:
         env["IPVS2NFT_BACKEND"] = "nft"
         return env
 
+    def command(self, prog: str) -> str:
+        """The path of one of our commands (ipvsadm, ipvsadm-restore, ipvs2nft...)."""
+        where = Path(self.bin_dir) if self.bin_dir is not None else Path(sys.executable).parent
+        path = where / prog
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (Lab.bin_dir names where our commands are)")
+        return str(path)
+
     def ipvsadm(self, args: str | list[str], stdin: str | None = None, check: bool = True,
                 prog: str = "ipvsadm") -> subprocess.CompletedProcess:
         """Run our ipvsadm inside the director namespace."""
         argv = shlex.split(args) if isinstance(args, str) else list(args)
-        exe = str(Path(sys.executable).parent / prog)
-        p = subprocess.run(["ip", "netns", "exec", self.director, exe, *argv], input=stdin, text=True,
-                           capture_output=True, env=self.env())
+        p = subprocess.run(["ip", "netns", "exec", self.director, self.command(prog), *argv], input=stdin,
+                           text=True, capture_output=True, env=self.env())
         if check and p.returncode != 0:
             raise AssertionError(f"ipvsadm {args} failed ({p.returncode}): {p.stderr}")
         return p
@@ -237,9 +268,8 @@ class Lab:
         listener.settimeout(timeout)
         env = self.env()
         env["NOTIFY_SOCKET"] = path
-        exe = str(Path(sys.executable).parent / "ipvs2nft")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.director, exe, "daemon", *args], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = ["ip", "netns", "exec", self.director, self.command("ipvs2nft"), "daemon", *args]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(proc)
         messages = []
         try:

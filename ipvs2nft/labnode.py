@@ -35,9 +35,10 @@ class _TCP6(_TCP):
 
 
 def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: list[int],
-          hold_ports: list[int] = ()) -> None:
+          hold_ports: list[int] = (), loopback: bool = False) -> None:
     """Answer with ``name``; on ``hold_ports`` then echo lines until the
-    client closes (a long-lived connection, to watch it survive changes)."""
+    client closes (a long-lived connection, to watch it survive changes).
+    ``loopback``: TCP on 127.0.0.1 only (a service meant for this host)."""
     reply = (name + "\n").encode()
 
     class TcpHandler(socketserver.BaseRequestHandler):
@@ -53,7 +54,8 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int], sctp_ports: lis
 
     servers = []
     for port in list(tcp_ports) + list(hold_ports):
-        servers += [_TCP(("0.0.0.0", port), TcpHandler), _TCP6(("::", port), TcpHandler)]
+        servers += [_TCP(("127.0.0.1", port), TcpHandler)] if loopback else \
+            [_TCP(("0.0.0.0", port), TcpHandler), _TCP6(("::", port), TcpHandler)]
     for port in udp_ports:
         for family in (socket.AF_INET, socket.AF_INET6):
             threading.Thread(target=_udp_server, args=(family, port, reply), daemon=True).start()
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--udp", default="")
     sv.add_argument("--sctp", default="")
     sv.add_argument("--hold", default="", help="TCP ports whose connections stay open (echo)")
+    sv.add_argument("--loopback", action="store_true", help="TCP on 127.0.0.1 only")
     cn = sub.add_parser("connect")
     cn.add_argument("host")
     cn.add_argument("port", type=int)
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "session":
         session(args.host, args.port, args.timeout)
     elif args.cmd == "serve":
-        serve(args.name, ports(args.tcp), ports(args.udp), ports(args.sctp), ports(args.hold))
+        serve(args.name, ports(args.tcp), ports(args.udp), ports(args.sctp), ports(args.hold),
+              args.loopback)
     else:
         connect(args.host, args.port, args.count, args.proto, args.timeout,
                 [s for s in args.sources.split(",") if s], args.sport)

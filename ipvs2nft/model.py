@@ -2,8 +2,10 @@
 
 It mirrors what the IPVS kernel keeps (``struct ip_vs_service`` and
 ``ip_vs_dest`` as seen through libipvs), plus the two ids the nftables back end
-needs to name its chains and slots.  Frozen dataclasses: an operation returns a
-new ``Table``; nothing here does I/O.
+needs to name its chains and slots, and the slot plan of a service whose
+front end fixed its scheduling itself (an iptables cascade).  Services and
+real servers are frozen dataclasses; a ``Table`` is changed in place by the
+operations of ``ipvs.py`` (its docstring says why).  Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -39,14 +41,20 @@ class Forward(enum.Enum):
     MASQ = "masq"  # -m, NAT
     ROUTE = "route"  # -g, direct routing (ipvsadm's default)
     TUNNEL = "tunnel"  # -i, IP-in-IP and friends
+    # IP_VS_CONN_F_LOCALNODE: the real server is this host.  No ipvsadm
+    # option gives it and the store never holds it; the nftables back end
+    # carries out a -g or -i server whose address is local this way, as
+    # ip_vs_xmit.c does per packet (nft/direct.py: local_nodes).
+    LOCAL = "local"
 
     @property
     def listing_name(self) -> str:
-        return {"masq": "Masq", "route": "Route", "tunnel": "Tunnel"}[self.value]
+        return {"masq": "Masq", "route": "Route", "tunnel": "Tunnel", "local": "Local"}[self.value]
 
     @property
     def switch(self) -> str:
-        return {"masq": "-m", "route": "-g", "tunnel": "-i"}[self.value]
+        # ipvsadm.c fwd_switch(): LOCALNODE saves as -g
+        return {"masq": "-m", "route": "-g", "tunnel": "-i", "local": "-g"}[self.value]
 
 
 class TunType(enum.IntEnum):
@@ -110,6 +118,19 @@ class SchedState:
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """A slot table fixed by a front end, not by an IPVS scheduler: the
+    real server (``Dest.key``) of each slot, None for a connection left
+    un-NATed; drawn by ``numgen random`` or in turn.  The iptables front end
+    reproduces a ``-m statistic`` cascade this way (iptables/lift.py)."""
+
+    random: bool
+    table: tuple
+    exact: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     """A virtual service: VIP/proto/port or fwmark, plus its real servers."""
 
@@ -126,6 +147,7 @@ class Service:
     dests: tuple[Dest, ...] = ()  # kernel list order: newest first
     sid: int = 0  # back-end id: names its chain and its slot block; 0 = not stored
     sched: SchedState = field(default_factory=SchedState)
+    plan: Plan | None = None  # the front end's own slot table; never stored (translate only)
 
     @property
     def key(self) -> ServiceKey:

@@ -28,7 +28,6 @@ give:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ipvs2nft.model import F_SCHED1, F_SCHED2, Dest, SchedState, Service
@@ -252,21 +251,20 @@ class Slots:
     dyn: tuple[int, ...] = ()
 
 
-# Slot builders for schedulers that are not IPVS's, registered by other
-# front ends (the iptables translator lifts `-m statistic` cascades into
-# services whose "scheduler" reproduces the cascade).  name -> builder.
-EXTRA: dict[str, Callable[[Service], Slots]] = {}
-
-
-def register(name: str, builder: Callable[[Service], Slots]) -> None:
-    """Add a scheduler that only ipvs2nft's own front ends can create."""
-    EXTRA[name] = builder
+def _planned(svc: Service) -> Slots:
+    """The slot table the service's front end fixed (``Service.plan``: an
+    iptables cascade), with its dest keys turned into the service's Dests
+    (which have their ids by now)."""
+    plan = svc.plan
+    by_key = {d.key: d for d in svc.dests}
+    table = tuple(PASS if k is None else by_key[k] for k in plan.table)
+    return Slots(table, None, plan.exact, plan.note, plan.random)
 
 
 def slots(svc: Service, st: SchedState) -> Slots:
     """The slot table for ``svc`` in scheduler state ``st``."""
-    if svc.scheduler in EXTRA:
-        return EXTRA[svc.scheduler](svc)
+    if svc.plan is not None:
+        return _planned(svc)
     kind = _kind(svc)
     exact, note = True, ""
     if svc.scheduler == "none" or not svc.dests:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ipvs2nft import faults
+from ipvs2nft import faults, ids
 from ipvs2nft.errors import LockTimeout, StoreError
 from ipvs2nft.model import (
     Dest,
@@ -54,8 +54,6 @@ SCHEMA = "ipvs2nft-state/1"
 DEFAULT_PATH = "/run/ipvs2nft/state.json"
 DEFAULT_LOCK_WAIT = 10.0  # seconds, like a generous ``iptables -w``
 _TRAILER = b"null]}\n"
-_MAX_SID = 65535
-_MAX_RID = 0xFFFFFFFF
 
 
 def state_path() -> str:
@@ -120,7 +118,8 @@ def _check(row: object, shapes: tuple) -> None:
         raise TypeError(f"a row of the wrong shape: {row!r:.80}")
 
 
-_FORWARD_OF = {f.value: f for f in Forward}  # a dict lookup is a tenth of an Enum call
+# a dict lookup is a tenth of an Enum call; LOCAL is the back end's, never stored
+_FORWARD_OF = {f.value: f for f in Forward if f is not Forward.LOCAL}
 _TUN_TYPE_OF = {t.value: t for t in TunType}
 
 
@@ -379,12 +378,12 @@ class Store:
     def prepare(self, old: Snapshot, table: Table) -> Snapshot:
         """The state that committing ``table`` will write, ids assigned.
 
-        New services get the smallest free sid (it names their chain and
-        their block of scheduler slots), new real servers the next rid.
-        With a partial ``old`` only the services it holds are rewritten.
+        New services and real servers get their ids (ids.py).  With a
+        partial ``old`` only the services it holds are rewritten.
         Nothing is written yet: the kernel transaction comes first.
         """
-        table, next_rid = self._assign_ids(old, table)
+        table, next_rid = ids.assign(table, old.next_rid,
+                                     lambda: _all_sids(old.raw) if old.partial else ())
         generation = old.generation + 1
         if old.partial and old.raw:
             body = self._splice(old, table)
@@ -505,39 +504,6 @@ class Store:
             except OSError:
                 pass
         return new
-
-    def _assign_ids(self, old: Snapshot, table: Table) -> tuple[Table, int]:
-        if all(s.sid and all(d.rid for d in s.dests) for s in table.services):
-            return table, old.next_rid
-        next_rid = old.next_rid
-
-        def free_sids() -> Iterator[int]:  # scanning 10,000 lines only when a new service needs a sid
-            used = set(_all_sids(old.raw)) if old.partial else set()
-            used.update(s.sid for s in table.services if s.sid)
-            return (sid for sid in range(1, _MAX_SID + 1) if sid not in used)
-
-        free = None
-        services = []
-        for svc in table.services:
-            if svc.sid and all(d.rid for d in svc.dests):
-                services.append(svc)
-                continue
-            if not svc.sid and free is None:
-                free = free_sids()
-            sid = svc.sid or next(free, None)
-            if sid is None:
-                raise StoreError(f"ipvs2nft: more than {_MAX_SID} virtual services")
-            dests = []
-            for d in svc.dests:
-                if not d.rid:
-                    d = Dest(d.addr, d.port, d.fwd, d.weight, d.u_threshold, d.l_threshold,
-                             d.tun_type, d.tun_port, d.tun_flags, next_rid, d.last_weight)
-                    next_rid = next_rid % _MAX_RID + 1
-                dests.append(d)
-            services.append(Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark,
-                                    svc.scheduler, svc.flags, svc.timeout, svc.netmask,
-                                    svc.pe_name, tuple(dests), sid, svc.sched))
-        return Table(services, table.timeouts, table.daemons, table.snat), next_rid
 
     def _splice(self, old: Snapshot, table: Table) -> bytes:
         """The service lines of ``old.raw`` with the loaded services replaced."""

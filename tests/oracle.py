@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,10 @@ def load(name: str) -> list[dict]:
 
 
 def fixture_names(prefix: str = "") -> list[str]:
+    """The fixtures replayable without traffic: traffic-* and daemon-* need
+    the namespace lab (test_traffic_oracle.py, test_daemon_oracle.py)."""
     return sorted(p.name for p in FIXTURES.glob("*.jsonl") if p.name.startswith(prefix)
-                  and not p.name.startswith("traffic-"))
+                  and not p.name.startswith(("traffic-", "daemon-")))
 
 
 class _Capture:
@@ -131,12 +134,15 @@ def _shell(record: dict) -> tuple | None:
     return None
 
 
-def replay(records: list[dict], state_dir: Path) -> list[Outcome]:
-    """Run the fixture's entries in order against a fresh state."""
+def replay(records: list[dict], state_dir: Path, backend: str = "none",
+           after: Callable[[dict], None] | None = None) -> list[Outcome]:
+    """Run the fixture's entries in order against a fresh state, with the
+    store only (``none``) or the nftables back end (``nft``, in a namespace
+    of the caller's); ``after(record)`` runs after each entry."""
     state = state_dir / "state.json"
     saved = {k: os.environ.get(k) for k in ("IPVS2NFT_STATE", "IPVS2NFT_BACKEND")}
     os.environ["IPVS2NFT_STATE"] = str(state)
-    os.environ["IPVS2NFT_BACKEND"] = "none"
+    os.environ["IPVS2NFT_BACKEND"] = backend
     outcomes = []
     try:
         for rec in records:
@@ -154,6 +160,8 @@ def replay(records: list[dict], state_dir: Path) -> list[Outcome]:
             else:
                 continue
             outcomes.append(Outcome(rec, *got))
+            if after is not None:
+                after(rec)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -207,11 +215,11 @@ def vm_like_netns(tmp_path=None):
                 raise OSError(ctypes.get_errno(), "bind mount of the VM's /etc/hosts failed")
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
             netaddr.addr_to_host.cache_clear()
-            host.local_broadcasts.cache_clear()
+            host.forget()
             yield True
         finally:
             netaddr.addr_to_host.cache_clear()
-            host.local_broadcasts.cache_clear()
+            host.forget()
             if libc.setns(home_net, _CLONE_NEWNET) != 0 or libc.setns(home_mnt, _CLONE_NEWNS) != 0:
                 raise OSError(ctypes.get_errno(), "setns back to the original namespaces failed")
     finally:

@@ -342,3 +342,41 @@ def test_without_conntrack_the_daemon_says_so(monkeypatch, tmp_path):
     with pytest.raises(daemon_main.DaemonError, match="nf_conntrack"):
         asyncio.run(daemon.run())
     assert not (tmp_path / "state.json").exists()
+
+
+# ---------------------------------------------------------------- direct routing
+
+def test_direct_routing_counts_stats_and_wlc(lab):
+    """-g: conntrack never sees these flows; the direct tables' flow memory
+    gives ActiveConn/InActConn, their counters the statistics (In only: the
+    director does not see a real server's replies), and the daemon reads
+    them to schedule wlc."""
+    lab.direct_routing()
+    lab.ipvsadm(f"-A -t {V} -s wlc")
+    for i, w in enumerate((3, 1)):
+        lab.ipvsadm(f"-a -t {V} -r {rs4(i)}:{HOLD} -g -w {w}")
+    daemon = lab.daemon()
+    try:
+        svc = _service(lab)
+        loads: dict = {}
+        expected, held = [], []
+        for _ in range(5):
+            expected.append(_next(svc, loads))
+            held.append(lab.session(VIP4, HOLD))
+            settle(0.4)  # direct flows are read every 0.25 s
+        assert [s.backend for s in held] == expected
+        assert rows(lab) == {a: (ld.active, 0) for a, ld in _by_addr(svc, loads).items()}
+        out = lab.ipvsadm("-L -c -n").stdout
+        assert out.count("ESTABLISHED") == 5 and f"{VIP4}:{HOLD}" in out, out
+        kernel = lab.ipvsadm("-L -n --stats --exact").stdout
+        m = re.search(rf"TCP  {V}\s+(\d+)\s+(\d+)\s+(\d+)", kernel)
+        assert m and int(m.group(1)) == 5 and int(m.group(2)) >= 10 and int(m.group(3)) == 0, kernel
+        for s in held[:2]:
+            s.close()
+        settle(0.6)
+        counts = rows(lab)
+        assert sum(a for a, _ in counts.values()) == 3 and sum(i for _, i in counts.values()) == 2
+    finally:
+        daemon.stop()
+        lab.ipvsadm("-C")
+        lab.ns(lab.director, "sysctl", "-qw", "net.ipv4.conf.all.accept_local=0")

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from ipvs2nft.iptables import translate
+from ipvs2nft.iptables.lift import backend_of
 from ipvs2nft.lab import VIP4, VIP6, Lab, rs4, rs6, unique_prefix
 from tests.conftest import NETNS_SKIP
 
@@ -186,19 +187,26 @@ def test_slide25_multiport(sbs):
     assert _backends(a) == _backends(b) == [None] * 5
 
 
+def _sticky(pair: SideBySide, host: str, port: int, rounds: int) -> dict[str, list]:
+    """Every client connects ``rounds`` times on both sides and must get
+    one backend each time; the backend of each client, per side."""
+    sources = pair.a.client_addresses()
+    a, b = pair.both(host, port, rounds * len(sources), sources=sources)
+    firsts = {}
+    for side, results in (("iptables", a), ("nft", b)):
+        per_client = collections.defaultdict(set)
+        for r in results:
+            per_client[r["source"]].add(r["backend"])
+        assert all(len(s) == 1 for s in per_client.values()), (side, per_client)
+        firsts[side] = [next(iter(per_client[c])) for c in sources]
+    return firsts
+
+
 def test_slide28_persistence():
     pair = SideBySide(servers=3, clients=40)
     try:
         pair.load("slide28.sh")
-        sources = pair.a.client_addresses()
-        a, b = pair.both(VIP4, 80, 5 * len(sources), sources=sources)
-        firsts = {}
-        for side, results in (("iptables", a), ("nft", b)):
-            per_client = collections.defaultdict(set)
-            for r in results:
-                per_client[r["source"]].add(r["backend"])
-            assert all(len(s) == 1 for s in per_client.values()), (side, per_client)
-            firsts[side] = [next(iter(per_client[c])) for c in sources]
+        firsts = _sticky(pair, VIP4, 80, 5)
         _check_random(pair.expected(), firsts["iptables"], firsts["nft"])
     finally:
         pair.close()
@@ -227,7 +235,7 @@ def test_persistence_expires_after_its_timeout():
 
 # ---------------------------------------------------------------- cascades of 3-5
 
-@pytest.mark.parametrize("name", ["nth3.sh", "nth4.sh", "nth5.sh"])
+@pytest.mark.parametrize("name", ["nth3.sh", "nth4.sh", "nth5.sh", "nth-semicolons.sh"])
 def test_nth_cascades(sbs5, name):
     t = sbs5.load(name)
     (lf,) = t.lifted.lifted
@@ -284,3 +292,55 @@ def test_iptables_save_dump_mixing_lb_and_filter_rules(sbs):
     a, b = sbs.both(VIP4, 8080, 5)
     assert _backends(a) == _backends(b) == [None] * 5
     assert all(r["error"] for r in a + b)
+
+
+# ---------------------------------------------------------------- kube-proxy
+
+KUBE_WEB, KUBE_API, KUBE_DNS, KUBE_ADMIN, KUBE_EMPTY = ("10.96.12.80", "10.96.12.81", "10.96.0.10",
+                                                        "10.96.12.82", "10.96.12.83")
+NODE = "198.51.100.1"  # the director's address on the client's side: NodePorts answer there
+
+
+def _kube_shares(t: translate.Translation, chain_prefix: str) -> dict:
+    (lift,) = [j for j in t.jumps.lifted if j.chain.startswith(chain_prefix)]
+    return {(str(backend_of(ep.dnat).addr) if ep is not None else None): x for ep, x in lift.shares.items()}
+
+
+def _reply_addresses(lab: Lab, vip: str) -> set[str]:
+    """Where the endpoints answered the connections to ``vip`` (conntrack's
+    reply destination: the client, or the node when masqueraded)."""
+    out = lab.ns(lab.director, "conntrack", "-L", "-p", "tcp", "--orig-dst", vip, check=False).stdout
+    return {line.split("dst=")[2].split()[0] for line in out.splitlines() if line.count("dst=") == 2}
+
+
+def test_kube_proxy_dump():
+    """A kube-proxy iptables-save: iptables-legacy runs the dump in one
+    director, our translation (one map per service chain) the other.
+    ClusterIP and NodePort of a 3-endpoint service in the proportions of
+    the dump, session affinity holding per client, a UDP service, a
+    one-endpoint service, and a service without endpoints, the same way."""
+    pair = SideBySide(servers=3, clients=30)
+    try:
+        for lab in (pair.a, pair.b):  # a node routes the service range somewhere: FORWARD sees it
+            lab.sh(lab.director, "ip route add 10.96.0.0/12 dev cli0")
+        t = pair.load("kube-proxy.rules")
+        assert len(t.jumps.lifted) == 3
+        web = _kube_shares(t, "KUBE-SVC-WEB")
+        for host, port in ((KUBE_WEB, 80), (NODE, 30080)):
+            a, b = pair.both(host, port, 300)
+            _check_random(web, _backends(a), _backends(b))
+        # KUBE-MARK-MASQ (client outside the pod network) -> KUBE-POSTROUTING
+        # masquerades: the endpoints see the node's address on both sides
+        assert _reply_addresses(pair.a, KUBE_WEB) == _reply_addresses(pair.b, KUBE_WEB) == {"192.168.100.1"}
+        firsts = _sticky(pair, KUBE_API, 8080, 4)
+        assert None not in firsts["iptables"] + firsts["nft"]
+        _check_random(_kube_shares(t, "KUBE-SVC-API"), firsts["iptables"], firsts["nft"])
+        a, b = pair.both(KUBE_DNS, 53, 200, proto="udp")
+        _check_random(_kube_shares(t, "KUBE-SVC-DNS"), _backends(a), _backends(b))
+        a, b = pair.both(KUBE_ADMIN, 443, 5)
+        assert _backends(a) == _backends(b) == ["192.168.100.12"] * 5
+        a, b = pair.both(KUBE_EMPTY, 80, 2, timeout=1.0)  # rejected in FORWARD on both sides
+        assert _backends(a) == _backends(b) == [None] * 2
+        assert [r["error"] for r in a] == [r["error"] for r in b], (a, b)
+    finally:
+        pair.close()

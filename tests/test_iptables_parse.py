@@ -157,3 +157,24 @@ def test_errors_carry_the_line_number(text, line, message):
         parse(text)
     assert exc.value.line == line
     assert message in exc.value.message
+
+
+def test_command_lines_are_split_as_sh_splits_them():
+    """A script's ``... --packet 0;`` (the shell ends the command there),
+    two commands on a line, a ``#`` comment after a command; quoted ``;``
+    and ``#`` stay in their word; in an iptables-save block the shell has
+    no say (iptables-restore would pass ``0;`` on and refuse it)."""
+    text = ("iptables -t nat -A PREROUTING -d 10.0.0.1 -p tcp --dport 80 -m statistic --mode nth "
+            "--every 2 --packet 0 -j DNAT --to-destination 10.0.1.1:80;\n"
+            "iptables -t nat -A PREROUTING -d 10.0.0.1 -p tcp --dport 80 -j DNAT "
+            "--to-destination 10.0.1.2:80 ; iptables -t nat -A PREROUTING -d 10.0.0.2 -j ACCEPT # x;y\n"
+            "iptables -t nat -A PREROUTING -m comment --comment 'a;b #c' -d 10.0.0.3 -j ACCEPT\n")
+    rules = rules_of(text)
+    assert [r.line for r in rules] == [1, 2, 2, 3]
+    assert rules[0].match("statistic").get("packet").value == "0"
+    assert rules[2].target == "ACCEPT" and rules[3].match("comment").get("comment").value == "a;b #c"
+    with pytest.raises(ParseError, match="shell operator '|'"):
+        parse("iptables -A INPUT -j ACCEPT | tee x\n")
+    (saved,) = rules_of("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m statistic --mode nth "
+                        "--every 2 --packet 0; -j ACCEPT\nCOMMIT\n")
+    assert saved.match("statistic").get("packet").value == "0;"

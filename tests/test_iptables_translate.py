@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from ipvs2nft import sched
-from ipvs2nft.cli.ipvs2nft import main
+from ipvs2nft.cli.ipvs2nft import main, translate_iptables
 from ipvs2nft.iptables import translate
+from ipvs2nft.unsupported import Report
 from tests.conftest import NETNS_SKIP
 
 FIXTURES = Path(__file__).parent / "fixtures" / "iptables"
@@ -28,7 +29,7 @@ REGEN = bool(os.environ.get("IPVS2NFT_REGEN"))
 
 
 def run(capsys, text: str, target: str = "nft", strict: bool = False) -> tuple[int, str, str]:
-    rc = translate.translate(text.encode(), strict=strict, target=target)
+    rc = translate_iptables(text.encode(), Report(strict=strict), target=target)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -53,8 +54,17 @@ def test_ipvsadm_golden(capsys, name):
     golden(FIXTURES / (Path(name).stem + ".ipvsadm"), out)
 
 
-def test_schedulers_registered_on_import():
-    assert "iptables-nth" in sched.EXTRA and "iptables-random" in sched.EXTRA
+def test_the_plan_travels_with_its_service():
+    """A lifted cascade's slot table is the service's own (Service.plan),
+    not a module-level registry: a second translation in the same process
+    leaves the first one's services as they were."""
+    first = translate.run((FIXTURES / "slide19.sh").read_text())
+    (svc,) = first.table.services
+    before = sched.slots(svc, svc.sched)
+    translate.run((FIXTURES / "random3.sh").read_text().replace("192.168.100.", "10.9.9."))
+    assert sched.slots(svc, svc.sched) == before and svc.plan is not None and not svc.plan.random
+    assert [str(d.addr) if d is not sched.PASS else None for d in before.table] == \
+        ["192.168.100.10", None, "192.168.100.10", "192.168.100.11"]
 
 
 # ---------------------------------------------------------------- the lifted services
@@ -292,3 +302,106 @@ def test_suggestions_are_valid_nft(name):
                   f"{rule}; }}; }}\n")
         got = _in_netns(script, check_only=True)
         assert got.returncode == 0, (lf.suggestion, got.stderr)
+
+
+def test_bare_protocol_match_keeps_its_protocol(capsys):
+    """iptables-translate prints ``-p tcp -m tcp`` (kube-proxy's DNAT rules)
+    as nothing: an ACCEPT for every protocol, a DNAT to a port nft refuses
+    (exit 0).  The protocol is put back."""
+    rc, out, _ = run(capsys, "iptables -A INPUT -p tcp -m tcp -j ACCEPT\n"
+                             "iptables -A INPUT -p 17 -m udp -j ACCEPT\n"
+                             "iptables -t nat -A PREROUTING -p tcp -m comment --comment x -m tcp "
+                             "-j DNAT --to-destination 10.0.0.1:80\n"
+                             "iptables -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n"
+                             "iptables -A INPUT ! -p tcp -m comment --comment y -j ACCEPT\n")
+    rules = [line for line in out.splitlines() if line.startswith("add rule")]
+    assert rules == ["add rule ip filter INPUT meta l4proto tcp counter accept",
+                     "add rule ip filter INPUT meta l4proto udp counter accept",
+                     "add rule ip filter INPUT tcp dport 22 counter accept",
+                     'add rule ip filter INPUT ip protocol != tcp counter accept comment "y"',
+                     'add rule ip nat PREROUTING meta l4proto tcp counter dnat to 10.0.0.1:80 comment "x"']
+    assert rc == 0
+
+
+# ---------------------------------------------------------------- jump cascades (kube-proxy)
+
+def test_kube_proxy_cascades_become_one_map_per_service_chain(capsys):
+    """KUBE-SVC-… cascades jumping to KUBE-SEP-… chains: one numgen vmap
+    each; session affinity through the one affinity set; nothing left as
+    an untranslatable comment; the rest (entries, marks, endpoint chains)
+    as iptables-restore-translate writes it."""
+    rc, out, err = run(capsys, (FIXTURES / "kube-proxy.rules").read_text())
+    assert rc == 0 and "warning" not in err and "# untranslatable" not in out
+    rules = [line for line in out.splitlines() if line.startswith("add rule ip nat KUBE-SVC-")]
+    assert "add rule ip nat KUBE-SVC-WEBT6MQ3RBNY2ZPA numgen random mod 3 vmap { 0 : jump " \
+           "KUBE-SEP-WEB2XRDM5KQ4LZ7P, 1 : jump KUBE-SEP-WEB5JQ2NVT7YHX4C, 2 : jump " \
+           "KUBE-SEP-WEB7LC4ZPQ2WRM6D }" in rules
+    assert not any("statistic" in r or "meta random" in r for r in rules)
+    api = [r for r in rules if "KUBE-SVC-APIF3KQ7ZL2WX6NB" in r]
+    assert api[1] == ('add rule ip nat KUBE-SVC-APIF3KQ7ZL2WX6NB ip saddr . meta mark & 0x0 | 0x00000001 '
+                      '@ipvs2nft_affinity counter jump KUBE-SEP-API2Q5WDX3MHF7KR comment '
+                      '"shop/api:http -> 192.168.100.10:8080"')
+    assert ('add rule ip nat KUBE-SEP-API2Q5WDX3MHF7KR meta l4proto tcp update @ipvs2nft_affinity '
+            '{ ip saddr . 0x00000001 timeout 10800s } counter dnat to 192.168.100.10:8080 comment '
+            '"shop/api:http"') in out
+    assert out.count("add set ip nat ipvs2nft_affinity") == 1
+    # the single-endpoint chain has nothing to pick: left as it is
+    assert "add rule ip nat KUBE-SVC-ADMQ5ZR2K7VN4XHL counter jump KUBE-SEP-ADM4LHKQ7VZT2NEC" in out
+
+
+KUBE_SMALL = """*nat
+:PREROUTING ACCEPT [0:0]
+:SVC - [0:0]
+:EP1 - [0:0]
+:EP2 - [0:0]
+-A PREROUTING -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j SVC
+-A SVC -m recent --rcheck --seconds 60 --reap --name EP1 --mask 255.255.255.0 --rsource -j EP1
+-A SVC -m statistic --mode random --probability 0.25 -j EP1
+-A SVC -j EP2
+-A EP1 -p tcp -m recent --set --name EP1 --mask 255.255.255.0 --rsource -m tcp -j DNAT --to 10.0.0.1:80
+-A EP2 -p tcp -m tcp -j DNAT --to-destination 10.0.0.2:80
+COMMIT
+"""
+
+
+def test_jump_cascade_masks_and_shares():
+    t = translate.run(KUBE_SMALL)
+    (lift,) = t.jumps.lifted
+    assert [str(d) for d in lift.table] == ["10.0.0.1:80 (EP1)"] + ["10.0.0.2:80 (EP2)"] * 3
+    script = "\n".join(t.script_lines)
+    assert "numgen random mod 4 vmap { 0 : jump EP1, 1-3 : jump EP2 }" in script
+    assert "ip saddr & 255.255.255.0 . meta mark & 0x0 | 0x00000001 @ipvs2nft_affinity" in script
+    assert "update @ipvs2nft_affinity { ip saddr & 255.255.255.0 . 0x00000001 timeout 60s }" in script
+
+
+@pytest.mark.parametrize("change,why", [
+    ("-A EP2 -j RETURN\n", "an endpoint chain that can return"),
+    ("-A EP1 -g EP2\n", "a goto in an endpoint chain"),
+])
+def test_jump_cascade_not_lifted_when_an_endpoint_can_return(change, why):
+    text = KUBE_SMALL.replace("-A EP2 -p tcp", change + "-A EP2 -p tcp")
+    assert translate.run(text).jumps.lifted == [], why
+
+
+def test_affinity_list_used_elsewhere_stays_rule_by_rule(capsys):
+    text = KUBE_SMALL.replace("COMMIT", "-A PREROUTING -m recent --rcheck --name EP1 -j ACCEPT\nCOMMIT")
+    rc, out, err = run(capsys, text)
+    assert rc == 0 and "numgen random mod 4 vmap" in out
+    assert "session affinity not lifted (line 12 also uses the list)" in err
+    assert "# untranslatable (line 7)" in out and "warning: line 7: iptables-translate cannot" in err
+
+
+@pytest.mark.netns
+def test_a_script_nft_refuses_is_an_error_naming_the_input_line(capsys):
+    """iptables-translate writes ``-j TOS --set-tos`` in an ip table as
+    ``ip6 dscp set``, which nft refuses ("conflicting protocols"); translate
+    checks its script with nft -c and names the input line instead of
+    printing it with exit status 0."""
+    if NETNS_SKIP:
+        pytest.skip(NETNS_SKIP)
+    rc, out, err = run(capsys, "iptables -t mangle -A PREROUTING -j MARK --set-mark 1\n"
+                               "iptables -t mangle -A PREROUTING -p tcp --dport 22 -j TOS --set-tos 0x10\n"
+                               "iptables -A INPUT -j ACCEPT\n")
+    assert (rc, out) == (2, "")
+    assert re.fullmatch(r"ipvs2nft: line 2: nftables refuses the translation \(script line \d+: "
+                        r"conflicting protocols specified: ip vs\. ip6\)\n", err), err

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -200,6 +201,12 @@ def test_get_and_delete(lab):
         assert ct.delete(first.orig) is True
         assert ct.get(first.orig) is None and ct.delete(first.orig) is False
         assert [f.id for f in ct.dump(0x101)] == [second.id]
+    connect(lab, VIP4, 443, 1)
+    with opened(lab, Conntrack) as ct:
+        [zoned] = ct.dump(0x102)
+        assert zoned.zone == ZONE and ct.get(zoned.orig) is None  # a tuple is looked up in one zone
+        assert ct.get(zoned.orig, zone=ZONE).id == zoned.id
+        assert ct.delete(zoned.orig, zone=ZONE) and ct.dump(0x102) == []
 
 
 def test_filtered_flush_deletes_only_the_masked_marks(lab):
@@ -215,6 +222,17 @@ def test_filtered_flush_deletes_only_the_masked_marks(lab):
     assert sorted(f.id for f in after) == sorted(f.id for f in before if f.mark & 0xFF00 != 0x100)
     listed = lab.ns(lab.director, "conntrack", "-L").stdout
     assert "dport=80 " not in listed and "dport=8080 " in listed
+
+
+def test_filtered_flush_of_one_family(lab):
+    """The kernel ignores the family of a flush unless nfgenmsg.version is
+    set; delete_marked sets it."""
+    connect(lab, VIP4, 80, 2)
+    connect(lab, VIP6, 80, 2)
+    with opened(lab, Conntrack) as ct:
+        assert sorted(f.family for f in ct.dump(0x101)) == [socket.AF_INET] * 2 + [socket.AF_INET6] * 2
+        ct.delete_marked(0x101, family=socket.AF_INET6)
+        assert [f.family for f in ct.dump(0x101)] == [socket.AF_INET] * 2
 
 
 # ---------------------------------------------------------------- set elements
@@ -353,3 +371,40 @@ def test_monitor_overflow_is_reported(lab):
         nft_file(lab, lines)
         with pytest.raises(EventsLost):
             monitor.read()
+
+
+def test_monitor_names_ipvsadm_as_the_committer(lab, tmp_path):
+    env = dict(os.environ, IPVS2NFT_STATE=str(tmp_path / "state.json"), IPVS2NFT_BACKEND="nft")
+    ipvsadm = str(Path(sys.executable).parent / "ipvsadm")
+    try:
+        with opened(lab, Monitor) as monitor:
+            subprocess.run(["ip", "netns", "exec", lab.director, ipvsadm, "-A", "-t", f"{VIP4}:99"], env=env,
+                           check=True, capture_output=True)
+            done = _transactions(monitor)
+        assert done and all(t.proc == "ipvsadm" and t.pid != os.getpid() for t in done)
+        assert any(t.touches("inet", "ipvs2nft") for t in done)
+    finally:
+        lab.ns(lab.director, "nft", "flush", "ruleset")
+
+
+def test_big_batch_is_one_transaction(lab):
+    """20,000 elements need several messages (an attribute holds < 64 KiB);
+    they still commit as one generation, or not at all."""
+    nft_file(lab, f"add map inet {TABLE} many {{ type mark : verdict; }}")
+    with opened(lab, Nfnetlink) as nl:
+        genid = nl.genid()
+        batch = Batch("inet", TABLE)
+        for i in range(20000):
+            batch.add("many", _mark(i), Verdict.goto(f"rs{i % 2}"))
+        assert batch.message_count() > 3
+        assert nl.commit(batch) == genid + 1 == nl.genid()
+        elements = nl.set_elements("inet", TABLE, "many")
+        assert len(elements) == 20000 and {e.chain for e in elements} == {"rs0", "rs1"}
+        again = Batch("inet", TABLE)
+        for i in range(20000, 40000):
+            again.add("many", _mark(i), Verdict.goto("rs0"))
+        again.add("many", _mark(40000), Verdict.goto("nosuchchain"))
+        with pytest.raises(NetlinkError) as refused:
+            nl.commit(again)
+        assert refused.value.index == again.message_count() - 1 and nl.genid() == genid + 1
+        assert len(nl.set_elements("inet", TABLE, "many")) == 20000

@@ -149,13 +149,19 @@ def test_labels_zone_and_destroy_counters():
     assert flow.mark == 0x201
 
 
-def test_dump_matches_conntrack_L():
-    rec = fixture("conntrack_dump")
+def dumped_flows(hexes: list[str]) -> list[Flow]:
+    """The flows of a recorded dump, as Conntrack.dump parses them."""
     flows = []
-    for data in datagrams(rec["datagrams"]):
+    for data in datagrams(hexes):
         for kind, _, _, buf, pos, end in netlink.split(data):
             if kind >> 8 == conntrack.NFNL_SUBSYS_CTNETLINK:
                 flows.append(conntrack.parse_flow(buf, pos + 4, end, buf[pos]))
+    return flows
+
+
+def test_dump_matches_conntrack_L():
+    rec = fixture("conntrack_dump")
+    flows = dumped_flows(rec["datagrams"])
     lines = {int(line["id"]): line for line in map(tool_line, rec["conntrack_L"].splitlines()[:-1])}
     assert sorted(f.id for f in flows) == sorted(lines)
     for flow in flows:
@@ -179,11 +185,7 @@ def test_fast_tuple_path_agrees_with_the_attribute_walk():
 
 def test_mark_filtered_dump_holds_only_the_masked_marks():
     rec = fixture("conntrack_dump")
-    marks = []
-    for data in datagrams(rec["marked_0x100_0xff00"]):
-        for kind, _, _, buf, pos, end in netlink.split(data):
-            if kind >> 8 == conntrack.NFNL_SUBSYS_CTNETLINK:
-                marks.append(conntrack.parse_flow(buf, pos + 4, end, buf[pos]).mark)
+    marks = [f.mark for f in dumped_flows(rec["marked_0x100_0xff00"])]
     all_marks = [int(tool_line(line).get("mark", 0)) for line in rec["conntrack_L"].splitlines()[:-1]]
     assert sorted(marks) == sorted(m for m in all_marks if m & 0xFF00 == 0x100)
     assert len(marks) >= 3

@@ -311,21 +311,8 @@ def test_real_server_on_the_director_itself(lab):
     """A real server whose address is the director's own (IPVS's "Local"
     forwarding): the DNAT to a local address is delivered locally, from the
     client and from the director itself, alongside remote servers."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    server = subprocess.Popen(["ip", "netns", "exec", lab.director, sys.executable, "-m", "ipvs2nft.labnode",
-                               "serve", "--name", "director", "--tcp", "8080"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    try:
-        assert server.stdout.readline().strip() == "ready"
-        add(lab, f"-A -t {V} -s rr", f"-a -t {V} -r {rs4(0)}:80 -m", f"-a -t {V} -r 192.168.100.1:8080 -m")
-        assert "  -> 192.168.100.1:8080" in lab.ipvsadm("-L -n").stdout
+    add(lab, f"-A -t {V} -s rr", f"-a -t {V} -r {rs4(0)}:80 -m", f"-a -t {V} -r 192.168.100.1:8080 -m")
+    assert "  -> 192.168.100.1:8080" in lab.ipvsadm("-L -n").stdout
+    with lab.serving_on_director("director"):
         assert lab.backends(VIP4, 80, 4) == ["director", rs4(0)] * 2
         assert lab.backends(VIP4, 80, 2, ns=lab.director) == ["director", rs4(0)]
-    finally:
-        server.kill()
-        server.wait()

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ipvs2nft import ids
 from ipvs2nft.cli.ipvs2nft import translate_ipvsadm
 from ipvs2nft.nft import build, direct, tunnels
-from ipvs2nft.store import Snapshot, Store
 from tests import oracle
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,8 +23,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def _translation():
     table, errors, _ = translate_ipvsadm((FIXTURES / "tunnel-rules").read_bytes())
     assert not errors
-    prepared = Store("/nonexistent/x").prepare(Snapshot(table.copy()), table)
-    return build.full(prepared.table, 1).text(), tunnels.script_lines(direct.tunnels(prepared.table.services))
+    table, _ = ids.assign(table)
+    return build.full(table, 1).text(), tunnels.script_lines(direct.tunnels(table.services))
 
 
 def test_recorded_script_is_what_the_builder_prints():

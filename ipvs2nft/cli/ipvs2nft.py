@@ -2,8 +2,9 @@
 that have no ipvsadm counterpart.
 
 ``ipvs2nft translate [FILE|-]`` reads ipvsadm command lines (the form of an
-``ipvsadm -S`` / ``/etc/ipvsadm.rules`` file; a leading ``ipvsadm`` word is
-allowed, ``#`` lines and blank lines are skipped) and prints the complete
+``ipvsadm -S`` / ``/etc/ipvsadm.rules`` file, split as ipvsadm-restore
+splits it: ``ipvsadm`` words dropped, lines beginning with ``#`` and blank
+lines skipped) and prints the complete
 nft script that the ipvsadm drop-in would load.  It needs no root, no
 kernel and no state file.  Warnings go to stderr; a line ipvsadm would
 refuse is reported with its number and no script is printed (exit 2).
@@ -14,13 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ipvs2nft import __version__
+from ipvs2nft import __version__, host, ids
 from ipvs2nft.errors import IpvsadmError, internal_error
-from ipvs2nft.ipvsadm import cmdline
+from ipvs2nft.ipvsadm import cmdline, restore
 from ipvs2nft.ipvsadm.apply import mutation
 from ipvs2nft.model import Table
-from ipvs2nft.nft import build, direct, tunnels
-from ipvs2nft.store import Snapshot, Store
+from ipvs2nft.nft import build, check, direct, tunnels
+from ipvs2nft.unsupported import Report
 
 IGNORED = {"list": "listing", "save": "save", "zero": "zero", "help": "help", "version": "version"}
 
@@ -66,12 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the ruleset keeps forwarding with the last choices.")
     dm.add_argument("--resync", type=float, default=10.0, metavar="SECONDS",
                     help="full conntrack dump every SECONDS (events are only hints; default 10)")
+    dm.add_argument("--metrics", type=_listen_address, metavar="ADDRESS:PORT",
+                    help="serve Prometheus metrics on http://ADDRESS:PORT/metrics: node_exporter's ipvs "
+                         "collector (node_ipvs_*, same names and labels) and ipvs2nft_* "
+                         "(e.g. 127.0.0.1:9120, [::1]:9120, :9120 for every address)")
+    dm.add_argument("--metrics-textfile", metavar="PATH",
+                    help="write the same metrics (without process_*) to PATH every 2 seconds for "
+                         "node_exporter's textfile collector (PATH must end in .prom); removed at exit")
     dm.add_argument("--keepalived", metavar="FILE",
                     help="also run the virtual_server part of keepalived's configuration FILE: its "
                          "services, health checkers, quorum and sorry servers, notify scripts, and "
                          "ipvs2nft's feedback weights (least response time, least CPU load over SNMP); "
                          "VRRP stays with `keepalived --vrrp`")
     return ap
+
+
+def _listen_address(text: str):
+    from ipvs2nft.daemon.metrics import listen_address
+
+    try:
+        return listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _snat_value(mode: str) -> str:
@@ -122,24 +139,23 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[str]]:
-    """(table, errors, warnings) for ipvsadm command lines."""
-    table, errors, warnings = Table(), [], []
-    for lineno, raw in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
-        text = raw.strip()
-        if not text or text.startswith("#"):
-            continue
-        words = [w for w in text.split() if w != "ipvsadm"]
+def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[tuple[int, str]]]:
+    """(table, errors, (line, warning)s) for ipvsadm command lines, split
+    into words exactly as ipvsadm-restore would split them."""
+    table: Table = Table()
+    errors: list[str] = []
+    warnings: list[tuple[int, str]] = []
+    for lineno, words in restore.script_lines(data):
         if not words:
             continue
         try:
             cmd = cmdline.parse(words)
             if cmd.name in IGNORED or cmd.name == "restore":
-                warnings.append(f"line {lineno}: {cmd.name} ignored (nothing to translate)")
+                warnings.append((lineno, f"{cmd.name} ignored (nothing to translate)"))
                 continue
             if cmd.name in ("start-daemon", "stop-daemon"):
-                warnings.append(f"line {lineno}: the sync daemon is not part of the ruleset "
-                                "(see compat-matrix.md: sync daemon)")
+                warnings.append((lineno, "the sync daemon is not part of the ruleset "
+                                         "(see compat-matrix.md: sync daemon)"))
             change = mutation(cmd)
             if change is not None:
                 table = change[1](table)
@@ -148,48 +164,103 @@ def translate_ipvsadm(data: bytes) -> tuple[Table, list[str], list[str]]:
     return table, errors, warnings
 
 
+def _ipvsadm_script(data: bytes, report: Report) -> tuple[str, list[str]]:
+    """(nft script, errors) for ipvsadm lines; what it meets goes to ``report``."""
+    table, errors, warnings = translate_ipvsadm(data)
+    for line, warning in warnings:
+        report.warn(warning, line)
+    if errors:
+        return "", errors
+    return table_script(table, report), []
+
+
+def table_script(table: Table, report: Report) -> str:
+    """The nft script of a table built in memory (ipvsadm lines, keepalived)."""
+    table, _ = ids.assign(table)  # as the store would give them
+    # a -g/-i server that is this host is delivered locally, as the drop-in does
+    carried = direct.local_nodes(table, host.is_local)
+    script = build.full(carried, generation=1)
+    for warning in script.warnings:
+        report.unsupported(warning)
+    devices = direct.tunnels(carried.services)
+    if devices:
+        report.warn("tunnelled real servers need their tunnel devices before `nft -f`: "
+                    + "; ".join(tunnels.script_lines(devices)))
+    return script.text()
+
+
+def _prefix(data: bytes, lines: int) -> bytes:
+    return b"".join(line + b"\n" for line in data.split(b"\n")[:lines])
+
+
 def cmd_translate(args) -> int:
+    report = Report(strict=args.strict)
     if args.source == "keepalived":
         from ipvs2nft.keepalived.translate import translate as translate_keepalived
 
-        return translate_keepalived(args.file, args.target or "ipvsadm",
-                                    lambda table: render_nft(table, [], args.strict))
+        return translate_keepalived(args.file, args.target or "ipvsadm", report, table_script)
     try:
         data = _read(args.file)
     except OSError as exc:
         sys.stderr.write(f"ipvs2nft: {args.file}: {exc.strerror}\n")
         return 2
     if args.source == "iptables":
-        from ipvs2nft.iptables.translate import translate as translate_iptables
-
-        return translate_iptables(data, strict=args.strict, target=args.target or "nft")
+        return translate_iptables(data, report, target=args.target or "nft")
     if args.target not in (None, "nft"):
         sys.stderr.write("ipvs2nft: --to ipvsadm is for --from iptables and --from keepalived input\n")
         return 2
-    table, errors, warnings = translate_ipvsadm(data)
+    script, errors = _ipvsadm_script(data, report)
+    if not errors:
+        error = _checked(script, len(data.split(b"\n")),
+                         lambda k: _ipvsadm_script(_prefix(data, k), Report())[0] or None, report)
+        errors += [error] if error else []
     if errors:
         sys.stderr.write("".join(f"ipvs2nft: {e}\n" for e in errors))
         return 2
-    return render_nft(table, warnings, args.strict)
+    return report.finish(script)
 
 
-def render_nft(table: Table, warnings: list[str], strict: bool) -> int:
-    """Print the nft script for a table built in memory (warnings to stderr;
-    3 with --strict when something is approximated)."""
-    # ids as the store would give them, without a store
-    prepared = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table)
-    script = build.full(prepared.table, generation=1)
-    warnings += script.warnings
-    devices = direct.tunnels(prepared.table.services)
-    if devices:
-        warnings.append("tunnelled real servers need their tunnel devices before `nft -f`: "
-                        + "; ".join(tunnels.script_lines(devices)))
-    for w in warnings:
-        sys.stderr.write(f"ipvs2nft: warning: {w}\n")
-    if strict and script.warnings:
-        return 3
-    sys.stdout.write(script.text())
-    return 0
+def _checked(script: str, lines: int, script_of, report: Report) -> str:
+    """nft -c of the script about to be printed: the error naming the input
+    line nft's refusal comes from, or "" (a loss reported if unchecked)."""
+    error, unchecked = check.verify(script, lines, script_of)
+    if unchecked:
+        report.unsupported(unchecked)
+    return error
+
+
+def translate_iptables(data: bytes, report: Report, target: str = "nft") -> int:
+    """``--from iptables``: the translation, what it found on stderr; 2 if
+    the input cannot be parsed or nft refuses the script."""
+    from ipvs2nft.iptables import translate
+    from ipvs2nft.iptables.rules import ParseError
+
+    text = data.decode("utf-8", "surrogateescape")
+    try:
+        t = translate.run(text)
+    except ParseError as exc:
+        sys.stderr.write(f"ipvs2nft: line {exc.line}: {exc.message}\n")
+        return 2
+    for line, note in t.notes:
+        report.note(note, line)
+    for line, warning in t.warnings:
+        report.warn(warning, line)
+    report.losses += t.approximations  # counted where they are met (lift, passthrough)
+    for lf in t.lifted.lifted:
+        if lf.suggestion:
+            report.suggest(lf.suggestion)
+    if target == "ipvsadm":
+        out, notes, extra = translate.ipvsadm_rules(t)
+        for line, note in notes:
+            report.note(note, line)
+        report.losses += extra
+        return report.finish(out)
+    out = "".join(line + "\n" for line in t.script_lines)
+    error = _checked(out, len(text.splitlines()), lambda k: translate.script_of(text, k), report)
+    if error:
+        sys.stderr.write(f"ipvs2nft: {error}\n")
+        return 2
+    return report.finish(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_snat(args)
         if args.command == "daemon":
             from ipvs2nft.daemon.main import main as daemon_main
+            from ipvs2nft.daemon.metrics import extensions
+            from ipvs2nft.health.extension import extensions as keepalived
 
-            return daemon_main(args)
+            return daemon_main(args, [*extensions(args), *keepalived(args)])
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users

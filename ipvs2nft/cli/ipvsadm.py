@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ipvs2nft.errors import (
@@ -301,19 +301,21 @@ def run_command(cmd: Command, argv0: str, session: Session, stdin) -> int:
     if cmd.name == "restore":
         if session.batch:
             raise TryHelp(argv0)  # restore_table() refuses to nest
-        return _restore(argv0, session, stdin.read())
+        from ipvs2nft.ipvsadm import restore
+
+        return _restore(argv0, session, restore.lines(stdin.read()))
     if not session.batch:
         session.check(reader=cmd.name in ("list", "save"))
     execute(cmd, session)
     return 0
 
 
-def _restore(argv0: str, session: Session, data: bytes, flush_first: bool = False) -> int:
-    """``-R``: each line like its own invocation; kernel and popt errors are
-    reported and skipped, validation errors end the restore; the status is
-    that of the last line.  Committed as one transaction at the end."""
+def _restore(argv0: str, session: Session, lines: Iterable[list[str]], flush_first: bool = False) -> int:
+    """``-R`` of the lines' words (ipvsadm/restore.py splits them): each line
+    like its own invocation; kernel and popt errors are reported and
+    skipped, validation errors end the restore; the status is that of the
+    last line.  Committed as one transaction at the end."""
     from ipvs2nft import ipvs
-    from ipvs2nft.ipvsadm import restore
 
     session.check()
     with session.store.locked():
@@ -322,7 +324,7 @@ def _restore(argv0: str, session: Session, data: bytes, flush_first: bool = Fals
             if flush_first:
                 session.table = ipvs.flush(session.table)
             result = 0
-            for words in restore.lines(data):
+            for words in lines:
                 if not words:
                     continue
                 try:
@@ -453,14 +455,15 @@ def restore_main(argv: list[str] | None = None) -> int:
     """``ipvsadm-restore``: drop ``#`` lines, flush, then ``-R`` -- as one
     transaction here, so the table is never seen empty in between."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    from ipvs2nft.ipvsadm import restore
+
     data = sys.stdin.buffer.read() if sys.stdin else b""
-    kept = b"".join(line for line in data.splitlines(keepends=True) if not line.startswith(b"#"))
-    text = kept.rstrip(b"\n") + b"\n"  # "$(grep ...)" then echo: one final newline
     argv0 = "ipvsadm"
     session = None
     try:
         session = open_session()
-        status = _restore(argv0, session, text, flush_first=True)
+        lines = (words for _, words in restore.script_lines(data))
+        status = _restore(argv0, session, lines, flush_first=True)
         return _finish(session, status)
     except Exit as exc:
         return _finish(session, exc.status)

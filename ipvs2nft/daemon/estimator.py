@@ -29,15 +29,19 @@ class Estimate:
     avg: list[int] = field(default_factory=lambda: [0] * 5)  # scaled averages
     base: list[int] = field(default_factory=lambda: [0] * 5)  # kstats0
 
-    def tick(self, now: list[int]) -> None:
+    def tick(self, now: list[int]) -> list[int]:
+        """Take the counters now; returns how much each grew since the last tick."""
+        grown = [0] * 5
         for i in range(5):
             value = now[i]
             if value < self.last[i]:  # the kernel's counter went away (-Z deleted it)
                 self.last[i] = self.base[i] = 0
-            rate = (value - self.last[i]) << SHIFTS[i]
+            grown[i] = value - self.last[i]
+            rate = grown[i] << SHIFTS[i]
             self.last[i] = value
             self.avg[i] += (rate - self.avg[i]) >> 2
             self.shown[i] = max(0, value - self.base[i])
+        return grown
 
     def zero(self) -> None:
         """ip_vs_zero_stats + ip_vs_zero_estimator: listing and rates from 0."""
@@ -61,6 +65,9 @@ class Estimator:
     def __init__(self) -> None:
         self.services: dict[str, Estimate] = {}
         self.dests: dict[str, Estimate] = {}
+        # /proc/net/ip_vs_stats (ip_vs_ctl.c tot_stats): what every service
+        # counted, deleted ones included, until a -Z of every service
+        self.totals = [0] * 5
 
     def tick(self, services: dict[str, list[int]], dests: dict[str, list[int]]) -> None:
         """A 2-second tick with the kernel's counters now.  Names that are
@@ -74,9 +81,15 @@ class Estimator:
                 est = table.get(name)
                 if est is None:
                     est = table[name] = Estimate()
-                est.tick(values)
+                grown = est.tick(values)
+                if table is self.services:
+                    self.totals = [t + g for t, g in zip(self.totals, grown, strict=True)]
 
     def zero(self, sids: set[int]) -> None:
+        """-Z of these services; of all of them (ipvsadm -Z alone:
+        ip_vs_zero_all) also the totals."""
+        if {int(name) for name in self.services} <= sids:
+            self.totals = [0] * 5
         prefixes = {f"{sid}/" for sid in sids}
         for name, est in self.services.items():
             if int(name) in sids:

@@ -32,6 +32,7 @@ from ipvs2nft.daemon.publish import Publisher, StaleGeneration
 from ipvs2nft.model import Table
 
 FOLLOW_EVERY = 0.2  # seconds between looks at the state file
+DIRECT_EVERY = 0.25  # seconds between reads of direct-routed flows (no events for them)
 DRIFT_EVERY = 1.0  # seconds between checks that our table is still there
 RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
 
@@ -137,7 +138,8 @@ class Daemon:
         tasks = [asyncio.create_task(self._every(TICK, self.tick)),
                  asyncio.create_task(self._every(FOLLOW_EVERY, self.follow)),
                  asyncio.create_task(self._every(DRIFT_EVERY, self.check_drift)),
-                 asyncio.create_task(self._every(self.resync_every, self.resync_and_publish))]
+                 asyncio.create_task(self._every(self.resync_every, self.resync_and_publish)),
+                 asyncio.create_task(self._every(DIRECT_EVERY, self.poll_direct))]
         self.schedule_expiry()
         count = sum(1 for _ in self.table.services)
         notify(f"READY=1\nSTATUS=following {count} services\nMAINPID={os.getpid()}")
@@ -282,6 +284,22 @@ class Daemon:
         flows = self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
         self.dirty |= self.live.resync(flows, time.monotonic())
         self.counters["resyncs"] += 1
+        self.poll_direct(always=True)
+
+    def poll_direct(self, always: bool = False) -> None:
+        """Direct-routed and tunnelled flows never reach conntrack: their
+        counts come from the direct tables' flow memory, read while a
+        service that schedules from counts has such servers (and at every
+        resync for the others)."""
+        from ipvs2nft import dynsched
+        from ipvs2nft.nft import direct, readback
+
+        wanted = [s for s in self.table.services if direct.is_direct(s) and (always or dynsched.managed(s))]
+        if not wanted:
+            return
+        flows = readback.read_direct_flows(self.nfnl)
+        self.dirty |= self.live.set_direct(readback.direct_counts(self.table, flows))
+        self.flush()
 
     def resync_and_publish(self) -> None:
         self.resync()
@@ -350,7 +368,7 @@ class Daemon:
         """The estimator's 2-second tick over the kernel's counters."""
         from ipvs2nft.nft import readback
 
-        counts = readback.read_counts(self.nfnl)
+        counts = readback.read_counts(self.nfnl, self.table)
         services: dict[str, list[int]] = {}
         dests: dict[str, list[int]] = {}
         for svc in self.table.services:
@@ -406,19 +424,14 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
-def main(args) -> int:
-    """``ipvs2nft daemon``."""
+def main(args, extensions=()) -> int:
+    """``ipvs2nft daemon`` with these extensions (metrics...)."""
     from ipvs2nft.privilege import may_administer_network
     from ipvs2nft.store import Store
 
     if not may_administer_network():
         _log("Permission denied (you must be root)")
         return 2
-    extensions = []
-    if getattr(args, "keepalived", None):
-        from ipvs2nft.health.extension import KeepalivedExtension
-
-        extensions.append(KeepalivedExtension(args.keepalived))
     daemon = Daemon(Store(), resync_every=getattr(args, "resync", RESYNC_EVERY), extensions=extensions)
     try:
         return asyncio.run(daemon.run())

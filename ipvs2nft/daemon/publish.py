@@ -20,7 +20,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from ipvs2nft import dynsched
+from ipvs2nft import dynsched, sched
 from ipvs2nft.model import Service
 from ipvs2nft.nft import build, direct
 
@@ -40,6 +40,7 @@ class Published:
     dyn: list[int] | None = None
     lbl: dict = field(default_factory=dict)
     accounted: int | None = None
+    states: dict = field(default_factory=dict)  # rr/wrr: numgen count -> state before that pick
 
 
 class Publisher:
@@ -104,9 +105,10 @@ class Publisher:
             record = self.published.get(svc.key)
             if record is None:
                 record = Published(None, self._kernel_lbl(svc))
-            dyn, accounted = self._dyn(batch, svc, live, record)
+            states: list = []
+            dyn, accounted = self._dyn(batch, svc, live, record, states)
             lbl = self._lbl(batch, svc, live, record)
-            pending[svc.key] = Published(dyn, lbl, accounted)
+            pending[svc.key] = Published(dyn, lbl, accounted, states=dict(states))
         written = len(batch) - 2
         if written:
             try:
@@ -139,7 +141,7 @@ class Publisher:
         return found
 
     def _dyn(self, batch, svc: Service, live: dynsched.LiveState,
-             record: Published) -> tuple[list[int], int]:
+             record: Published, states: list) -> tuple[list[int], int]:
         """The ``dyn`` entries from the numgen rule's position on.  Picks
         the data plane already made but whose NEW events have not arrived
         yet (the counter runs ahead of the events) are counted as the
@@ -149,12 +151,22 @@ class Publisher:
         count = self.position(svc)
         k = prediction_k = dynsched.prediction_length(svc)
         accounted = record.accounted
-        if accounted is None or accounted > count or svc.persistent or svc.scheduler in dynsched.LOCALITY:
+        if (accounted is None or accounted > count or svc.persistent or svc.scheduler in dynsched.LOCALITY
+                or direct.is_direct(svc)):  # direct flows are polled, not reported one by one
             accounted = count
         if accounted < count and record.dyn is not None and len(record.dyn) == k:
             live = _with_picks(svc, live, [record.dyn[pos % k] - build.slot_base(svc)
                                           for pos in range(accounted, count)])
-        slots = dynsched.slots(svc, live)
+        sequence: list = []
+        if sched.is_sequence(svc):  # rr/wrr with thresholds: where the walk stands now
+            here = record.states.get(count)
+            if here is None and record.states:
+                here = record.states[max(record.states)]
+            if here is not None:
+                live = dynsched.LiveState(live.loads, live.localities, {**live.sched, svc.key: here})
+        slots = dynsched.slots(svc, live, sequence)
+        if sequence:
+            states.extend((count + i, st) for i, st in enumerate(sequence))
         k = len(slots.dyn) or prediction_k
         base = build.slot_base(svc)
         at = count % k if k else 0
@@ -202,7 +214,7 @@ def _with_picks(svc: Service, live: dynsched.LiveState, slots: list[int]) -> dyn
         if 0 <= j < len(svc.dests):
             dest = svc.dests[j]
             dynsched.bind(dest, dynsched.load_of(loads, dest), active)
-    return dynsched.LiveState({**live.loads, svc.key: loads}, live.localities)
+    return dynsched.LiveState({**live.loads, svc.key: loads}, live.localities, live.sched)
 
 
 def _dyn_map(svc: Service) -> tuple[str, str, str]:

@@ -84,3 +84,9 @@ class KeepalivedExtension(Extension):
     async def stop(self) -> None:
         if self.engine is not None:
             await self.engine.stop()
+
+
+def extensions(args) -> list:
+    """The keepalived extension the command line asks for (``--keepalived FILE``), if any."""
+    path = getattr(args, "keepalived", None)
+    return [KeepalivedExtension(path)] if path else []

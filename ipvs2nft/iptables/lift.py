@@ -38,12 +38,15 @@ from fractions import Fraction
 from ipvs2nft.iptables import shares as sh
 from ipvs2nft.iptables.parse import decimal
 from ipvs2nft.iptables.rules import HARMLESS, Chain, Rule, Ruleset
-from ipvs2nft.iptables.slots import NTH, RANDOM, Plan
-from ipvs2nft.model import F_PERSISTENT, Dest, Forward, Service
+from ipvs2nft.model import F_PERSISTENT, Dest, Forward, Plan, Service
 from ipvs2nft.netaddr import AF_INET, AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
 from ipvs2nft.sched import MAX_SLOTS
 
 L4 = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "sctp": IPPROTO_SCTP}
+# The schedulers of lifted services: names only (listings, --to ipvsadm); the
+# slot table is the service's Plan (model.py).
+NTH = "iptables-nth"
+RANDOM = "iptables-random"
 PROTO_NAMES = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "sctp": "sctp",
                "132": "sctp", "icmp": "icmp", "1": "icmp", "icmpv6": "icmpv6",
                "ipv6-icmp": "icmpv6", "58": "icmpv6", "all": None, "0": None}
@@ -320,8 +323,7 @@ def backend_of(rule: Rule) -> Backend | None:
 class Lifted:
     """One service made from rules, and everything said about it."""
 
-    service: Service
-    plan: Plan
+    service: Service  # its Plan is the cascade's slot table
     key: Key
     label: str
     rules: list[Rule]
@@ -492,7 +494,9 @@ def _iptables_fix(steps: list[sh.Step], intended: list[Fraction], nth: bool, ove
 
 # ---------------------------------------------------------------- idiom 1: cascades
 
-def _step(rule: Rule, backend: Backend) -> sh.Step | None:
+def statistic_step(rule: Rule, backend) -> sh.Step | None:
+    """The rule as a cascade step to ``backend``: its ``-m statistic`` test
+    (none: always), or None for one that cannot be read."""
     stats = [m for m in rule.matches if m.module == "statistic"]
     if not stats:
         return sh.Step(rule.line, backend)
@@ -525,7 +529,7 @@ def _cascade_candidates(chain: Chain, consumed: set[int]) -> dict[Key, list[tupl
         key = key_of(r)
         if b is None or not key.liftable:
             continue
-        step = _step(r, b)
+        step = statistic_step(r, b)
         if step is not None:
             groups.setdefault(key, []).append((r, step))
     return groups
@@ -567,17 +571,31 @@ def _cascade_blocked(chain: Chain, key: Key, rules: list[Rule], steps: list[sh.S
     return ""
 
 
-def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Marks,
-                  out: LiftResult) -> None:
+@dataclass
+class Picks:
+    """What a first-match-wins cascade does, as a slot table."""
+
+    nth: bool
+    table: list  # dest per slot (None: not NATed)
+    exact: bool
+    note: str
+    analysis: sh.Analysis
+    by_dest: dict
+    order: list  # dests in rule order
+
+
+def terminal_picks(steps: list[sh.Step], label: str, line: int, out: LiftResult) -> Picks | None:
+    """The slot table of a cascade whose first matching rule wins (nth:
+    one period of its sequence; random: its shares in the fewest slots);
+    None, with a note, when there is none to make."""
     nth = any(s.mode == "nth" for s in steps)
-    label = describe(key)
     period = None
     if nth:
         period = sh.nth_period(steps)
         if period is None:
-            out.notes.append((rules[0].line, f"{label} not lifted (nth period above "
-                                             f"{sh.NTH_LIMIT}); translated rule by rule"))
-            return
+            out.notes.append((line, f"{label} not lifted (nth period above "
+                                    f"{sh.NTH_LIMIT}); translated rule by rule"))
+            return None
         shares = sh.period_shares(steps, period)
     else:
         shares = sh.terminal_shares(steps)
@@ -593,6 +611,17 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
             note = f"nth period of {len(period)} connections scaled to {MAX_SLOTS} slots"
     else:
         table, exact, note = random_table({**by_dest, None: analysis.leftover}, order + [None])
+    return Picks(nth, table, exact, note, analysis, by_dest, order)
+
+
+def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Marks,
+                  out: LiftResult) -> None:
+    label = describe(key)
+    picks = terminal_picks(steps, label, rules[0].line, out)
+    if picks is None:
+        return
+    nth, table, exact, note = picks.nth, picks.table, picks.exact, picks.note
+    analysis, by_dest, order = picks.analysis, picks.by_dest, picks.order
     weights = _weights(table)
     dests = [(b, weights[b]) for b in order if b in weights]
     if not dests:
@@ -602,9 +631,8 @@ def _lift_cascade(key: Key, rules: list[Rule], steps: list[sh.Step], marks: _Mar
         return
     svc, ours = _service(key, NTH if nth else RANDOM, dests, marks)
     label = describe(key, svc.fwmark if ours else 0)
-    plan = Plan(not nth, tuple(_dest_key(svc, b) for b in table), exact, note)
-    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, steps=steps,
-                    period=table)
+    svc = replace(svc, plan=Plan(not nth, tuple(_dest_key(svc, b) for b in table), exact, note))
+    lifted = Lifted(svc, key, label, rules, "", ours, analysis=analysis, steps=steps, period=table)
     lifted.summary = (f"{label} ({_lines(rules)}) lifted into one {'nth' if nth else 'random'} map: "
                       f"{_share_text(by_dest, analysis.leftover)}")
     if nth:
@@ -713,7 +741,7 @@ def _lift_mark_group(key: Key, setters: list[Rule], dnats: dict[int, _MarkDnat],
     why = _mark_blocked(key, setters, dnats, nat, mangle)
     pick = [r for r in setters if r.match("recent") is None]
     sticky = [r for r in setters if r.match("recent") is not None]
-    steps = [_step(r, dnats[_set_value(r)].backend) for r in pick] if not why else []
+    steps = [statistic_step(r, dnats[_set_value(r)].backend) for r in pick] if not why else []
     if not why and any(s is None or s.mode == "nth" for s in steps):
         why = "nth in mangle counts packets, not connections"
     if not why:
@@ -748,8 +776,8 @@ def _lift_mark_group(key: Key, setters: list[Rule], dnats: dict[int, _MarkDnat],
         svc = _persistent(svc, timeout, netmask)
     label = describe(key, svc.fwmark if ours else 0)
     rules = setters + [d.rule for d in dnats.values()]
-    plan = Plan(True, tuple(_dest_key(svc, b) for b in table), exact, note)
-    lifted = Lifted(svc, plan, key, label, rules, "", ours, analysis=analysis, steps=steps)
+    svc = replace(svc, plan=Plan(True, tuple(_dest_key(svc, b) for b in table), exact, note))
+    lifted = Lifted(svc, key, label, rules, "", ours, analysis=analysis, steps=steps)
     lifted.summary = (f"{label} ({_lines(rules)}) lifted into one random map: "
                       f"{_share_text(by_dest, analysis.leftover)}"
                       + (f"; source persistence {svc.timeout} s" if persist else ""))

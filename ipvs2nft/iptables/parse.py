@@ -1,7 +1,8 @@
 """iptables command lines and iptables-save output into a ``Ruleset``.
 
 Accepted, freely mixed, one command per line (a trailing ``\\`` continues a
-line; quoting as in sh, through shlex):
+line; words, quotes, ``;`` between commands and ``#`` comments as sh reads
+them, so a script's ``... --packet 0;`` is what it is in the shell):
 
 * ``iptables ...`` / ``ip6tables ...`` (also ``-legacy``/``-nft`` variants,
   ``sudo`` in front, or no leading word at all: then IPv4 unless an address
@@ -162,10 +163,78 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
 
 
 def split_words(line: int, text: str) -> list[str]:
+    """An iptables-save rule line: words and quotes, no shell syntax."""
     try:
         return shlex.split(text, comments=False, posix=True)
     except ValueError as exc:
         raise ParseError(line, f"cannot split the line into words ({exc})") from None
+
+
+def shell_commands(line: int, text: str) -> list[list[str]]:
+    """The words of each command on a shell line, split as sh splits them:
+    quotes and backslashes; an unquoted ``;`` ends a command (a trailing one
+    too: scripts write ``iptables ... --packet 0;``); ``#`` at the start of a
+    word comments out the rest.  Pipes, ``&``, ``&&``/``||`` and redirections
+    are not iptables commands: a ParseError."""
+    commands: list[list[str]] = []
+    words: list[str] = []
+    word: list[str] | None = None  # None: between words
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c in " \t":
+            if word is not None:
+                words.append("".join(word))
+                word = None
+        elif c == "#" and word is None:
+            break
+        elif c == ";":
+            if word is not None:
+                words.append("".join(word))
+                word = None
+            if words:
+                commands.append(words)
+            words = []
+        elif c in "&|<>":
+            raise ParseError(line, f"shell operator '{c}': one iptables command per line, or ';' between "
+                                   "commands")
+        else:
+            word = word if word is not None else []
+            i = _shell_word_part(line, text, i, word)
+        i += 1
+    if word is not None:
+        words.append("".join(word))
+    if words:
+        commands.append(words)
+    return commands
+
+
+def _shell_word_part(line: int, text: str, i: int, word: list[str]) -> int:
+    """Add the word part starting at ``text[i]`` (a quote, a backslash or a
+    plain character) to ``word``; the index of its last character."""
+    c = text[i]
+    if c == "\\":
+        if i + 1 < len(text):
+            word.append(text[i + 1])
+        return i + 1
+    if c == "'":
+        end = text.find("'", i + 1)
+        if end < 0:
+            raise ParseError(line, "cannot split the line into words (No closing quotation)")
+        word.append(text[i + 1:end])
+        return end
+    if c != '"':
+        word.append(c)
+        return i
+    i += 1
+    while i < len(text) and text[i] != '"':
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in '"\\$`':
+            i += 1
+        word.append(text[i])
+        i += 1
+    if i >= len(text):
+        raise ParseError(line, "cannot split the line into words (No closing quotation)")
+    return i
 
 
 def command_word(words: list[str]) -> tuple[int | None, list[str]]:
@@ -452,15 +521,27 @@ class Parser:
         if m:
             counters = (int(m.group(1)), int(m.group(2)))
             text = text[m.end():]
-        family, words = command_word(split_words(line, text))
+        if self._block is not None:
+            family, words = command_word(split_words(line, text))
+            if family is None:
+                if not words:
+                    raise ParseError(line, "no iptables command on the line")
+                cmd = parse_command(line, ["-t", self._block[1], *words], self.uids)
+                if counters and cmd.rule is not None:
+                    cmd = replace(cmd, rule=replace(cmd.rule, counters=counters))
+                self._block_items.append(("cmd", line, cmd))
+                return
+        commands = shell_commands(line, text)
+        if not commands:
+            raise ParseError(line, "no iptables command on the line")
+        for words in commands:
+            self._command_line(line, words)
+
+    def _command_line(self, line: int, words: list[str]) -> None:
+        """One iptables command given on a command line."""
+        family, words = command_word(words)
         if not words:
             raise ParseError(line, "no iptables command on the line")
-        if self._block is not None and family is None:
-            cmd = parse_command(line, ["-t", self._block[1], *words], self.uids)
-            if counters and cmd.rule is not None:
-                cmd = replace(cmd, rule=replace(cmd.rule, counters=counters))
-            self._block_items.append(("cmd", line, cmd))
-            return
         if not words[0].startswith("-") and family is None:
             raise ParseError(line, f"not an iptables command: {words[0]}")
         cmd = parse_command(line, words, self.uids)
@@ -498,11 +579,10 @@ class Parser:
             if policy == "-":
                 raise ParseError(line, f"built-in chain {name} needs a policy")
             state.chains[name].policy = policy
-            state.chains[name].declared = True
         else:
             if policy != "-":
                 raise ParseError(line, f"user chain {name} cannot have a policy")
-            state.chains[name] = Chain(name, None, declared=True)
+            state.chains[name] = Chain(name, None)
 
     # ------------------------------------------------------------ commands
     def apply(self, family: int, cmd: Command) -> None:
@@ -518,7 +598,7 @@ class Parser:
         if op == "new-chain":
             if cmd.chain in state.chains:
                 raise ParseError(cmd.line, f"chain {cmd.chain} already exists")
-            state.chains[cmd.chain] = Chain(cmd.chain, None, declared=True)
+            state.chains[cmd.chain] = Chain(cmd.chain, None)
             return
         if op == "flush":
             for c in ([self._chain(state, cmd.chain, cmd.line)] if cmd.chain else state.chains.values()):
@@ -539,7 +619,6 @@ class Parser:
             if cmd.arg not in ("ACCEPT", "DROP"):
                 raise ParseError(cmd.line, f"bad policy name `{cmd.arg}'")
             chain.policy = cmd.arg
-            chain.declared = True
         elif op == "rename-chain":
             if cmd.arg in state.chains:
                 raise ParseError(cmd.line, f"chain {cmd.arg} already exists")

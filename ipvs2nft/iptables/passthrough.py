@@ -25,7 +25,13 @@ What the tool gets wrong is caught here, not passed on silently:
 * a rule comment with a double quote is printed unquotable: the quote is
   replaced by a single one;
 * ``[packets:bytes]`` rule counters are dropped: they are put back as
-  ``counter packets P bytes B``.
+  ``counter packets P bytes B``;
+* ``-p tcp -m tcp`` (a protocol match with no option, as kube-proxy writes
+  every DNAT rule) loses its protocol: ``-p tcp -m tcp -j ACCEPT`` comes out
+  as ``counter accept`` (every protocol), and ``-j DNAT --to-destination
+  a:p`` as a ``dnat to a:p`` nft refuses ("transport protocol mapping is
+  only valid after transport protocol match") with exit status 0: the
+  protocol is put back as ``meta l4proto tcp``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ _MARKED = re.compile(r' comment "' + MARKER + r'(\d+)"')
 _UNTRANSLATED = re.compile(r"\s*-m comment --comment " + MARKER + r"(\d+)")
 _CONNMARK_XOR_AND = re.compile(r"ct mark set ct mark xor (0x[0-9a-f]+) and (0x[0-9a-f]+)")
 FULL = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A rule a lift writes itself, in its place: nft rule bodies (what
+    follows ``add rule <family> <table> <chain>``).  ``extras``: the rule's
+    comment and counters are added as to a translated rule."""
+
+    bodies: tuple[str, ...]
+    extras: bool = True
 
 
 @dataclass
@@ -106,9 +122,12 @@ def document(ruleset: Ruleset, family: int, consumed: set[int]) -> Document:
     return doc
 
 
-def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
+def translate(ruleset: Ruleset, family: int, consumed: set[int],
+              rewrites: dict[int, Rewrite] | None = None, declarations: tuple[str, ...] = ()) -> Passthrough:
     """Run the Debian translator over the rules of ``family``; keep what the
-    idioms did not consume."""
+    idioms did not consume, write the ``rewrites`` in place of their rules,
+    and the ``declarations`` (sets of the nat table) after the nat table."""
+    rewrites = rewrites or {}
     doc = document(ruleset, family, consumed)
     result = Passthrough()
     if not doc.text:
@@ -128,8 +147,13 @@ def translate(ruleset: Ruleset, family: int, consumed: set[int]) -> Passthrough:
     output = _run(tool, doc.text, doc.rules)
     for line in output.splitlines():
         if _wanted(line, doc, consumed):
-            _line(line, kept, result)
+            _line(line, kept, result, rewrites)
+        if declarations and line.startswith(f"add table {_IP[family]} nat"):
+            result.lines.extend(declarations)
     return result
+
+
+_IP = {4: "ip", 6: "ip6"}
 
 
 _ADD_TABLE = re.compile(r"add table ip6? (\S+)$")
@@ -178,11 +202,14 @@ def _tool_error(stderr: str, text: str, by_uid: dict[int, Rule]) -> ParseError:
     return ParseError(first, message)
 
 
-def _line(line: str, by_uid: dict[int, Rule], result: Passthrough) -> None:
+def _line(line: str, by_uid: dict[int, Rule], result: Passthrough, rewrites: dict[int, Rewrite]) -> None:
     if line.startswith("# Translated by") or line.startswith("# Completed on") or not line.strip():
         return
+    u = re.search(MARKER + r"(\d+)", line)
+    if u and int(u.group(1)) in rewrites and int(u.group(1)) in by_uid:
+        _rewritten(by_uid[int(u.group(1))], rewrites[int(u.group(1))], result)
+        return
     if line.startswith("#"):
-        u = re.search(MARKER + r"(\d+)", line)
         rule = by_uid.get(int(u.group(1))) if u else None
         original = _UNTRANSLATED.sub("", line[1:]).strip()
         where = f"line {rule.line}" if rule else "line ?"
@@ -201,7 +228,34 @@ def _line(line: str, by_uid: dict[int, Rule], result: Passthrough) -> None:
     result.lines.append(line)
 
 
+# -p values whose bare match (-m tcp ...) iptables-translate prints as nothing
+_L4 = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "udplite": "udplite", "136": "udplite",
+       "sctp": "sctp", "132": "sctp", "dccp": "dccp", "33": "dccp"}
+_L4_MATCH = re.compile(r"\b(?:tcp|udp|udplite|sctp|dccp|th|meta l4proto|ip protocol|ip6 nexthdr)\b")
+_RULE_HEAD = re.compile(r"(add rule ip6? \S+ \S+ )(.*)")
+
+
+def _protocol_kept(line: str, rule: Rule) -> str:
+    """Put back the ``-p`` iptables-translate dropped (see the module doc)."""
+    p = rule.head("p")
+    proto = _L4.get(p.value) if p is not None and not p.neg else None
+    m = _RULE_HEAD.match(line)
+    if proto is None or m is None:
+        return line
+    matches = m.group(2).split(" counter", 1)[0]
+    if _L4_MATCH.search(matches):
+        return line
+    return f"{m.group(1)}meta l4proto {proto} {m.group(2)}"
+
+
+def _rewritten(rule: Rule, rewrite: Rewrite, result: Passthrough) -> None:
+    for body in rewrite.bodies:
+        line = f"add rule {_IP[rule.family]} {rule.table} {rule.chain} {body}"
+        result.lines.append(_fix(line, rule, result) if rewrite.extras else line)
+
+
 def _fix(line: str, rule: Rule, result: Passthrough) -> str:
+    line = _protocol_kept(line, rule)
     comments = [o.value for m in rule.matches if m.module == "comment" for o in m.opts]
     if comments:
         line += ' comment "' + comments[-1].replace('"', "'")[:128] + '"'

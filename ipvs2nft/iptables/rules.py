@@ -25,9 +25,6 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "security": ("INPUT", "FORWARD", "OUTPUT"),
 }
 
-# Targets that end the traversal of a chain for a packet they match.
-TERMINAL = {"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "SNAT", "MASQUERADE", "REDIRECT",
-            "NETMAP", "QUEUE", "NFQUEUE", "TPROXY", "CT"}
 # Targets that change nothing a later NAT decision looks at.
 HARMLESS = {"", "LOG", "NFLOG", "ULOG", "AUDIT"}
 
@@ -113,7 +110,6 @@ class Chain:
     name: str
     policy: str | None  # None: a user-defined chain
     rules: list[Rule] = field(default_factory=list)
-    declared: bool = False  # named by ``:CHAIN`` or ``-N`` (or given a policy)
 
 
 @dataclass

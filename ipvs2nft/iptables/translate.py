@@ -18,26 +18,22 @@ What differs from ipvsadm input:
   (``build.KERNEL_TIMEOUTS``): iptables never changed them;
 * only the prerouting hook: PREROUTING rules never saw the director's own
   connections.
-
-Importing this module registers the pseudo-schedulers (slots.py).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
 
-from ipvs2nft import sched
-from ipvs2nft.iptables import slots as _slots  # noqa: F401  (registers the schedulers)
-from ipvs2nft.iptables.lift import Lifted, LiftResult, iptables_words, lift, nft_matches
+from ipvs2nft import ids, sched
+from ipvs2nft.iptables import jumps
+from ipvs2nft.iptables.jumps import JumpResult
+from ipvs2nft.iptables.lift import NTH, Lifted, LiftResult, iptables_words, lift, nft_matches
 from ipvs2nft.iptables.parse import parse
 from ipvs2nft.iptables.passthrough import Passthrough
 from ipvs2nft.iptables.passthrough import translate as passthrough
 from ipvs2nft.iptables.rules import ParseError
-from ipvs2nft.iptables.slots import NTH, set_plans
 from ipvs2nft.model import Table
 from ipvs2nft.nft import build
-from ipvs2nft.store import Snapshot, Store
 
 MARK_TABLE = "ipvs2nft_iptables"
 MARK_PRIORITY = -101  # after mangle (-150), before nat (-100) and ipvs2nft's dispatch (-99)
@@ -55,6 +51,7 @@ class Translation:
     lifted: LiftResult
     table: Table  # lifted services, ids assigned
     passthrough: dict[int, Passthrough]
+    jumps: JumpResult = field(default_factory=JumpResult)  # cascades lifted inside their chain
     warnings: list[tuple[int, str]] = field(default_factory=list)
     notes: list[tuple[int, str]] = field(default_factory=list)
     approximations: int = 0
@@ -65,11 +62,12 @@ def run(text: str) -> Translation:
     """Parse, lift and translate; raises ParseError for input iptables refuses."""
     ruleset, parse_warnings = parse(text)
     lifted = lift(ruleset)
-    set_plans({lf.service.key: lf.plan for lf in lifted.lifted})
+    jumped = jumps.lift(ruleset, lifted)
     table = Table([lf.service for lf in lifted.lifted], CONNTRACK_TIMEOUTS)
-    table = Store("/nonexistent/ipvs2nft-translate").prepare(Snapshot(Table()), table).table
-    through = {fam: passthrough(ruleset, fam, lifted.consumed) for fam in (4, 6)}
-    t = Translation(lifted, table, through)
+    table, _ = ids.assign(table)
+    through = {fam: passthrough(ruleset, fam, lifted.consumed | jumped.consumed, jumped.rewrites,
+                                tuple(jumped.declarations.get(fam, ()))) for fam in (4, 6)}
+    t = Translation(lifted, table, through, jumped)
     t.warnings = [(_line_of(w), w.split(": ", 1)[1]) for w in parse_warnings]
     t.warnings += lifted.findings
     t.notes = list(lifted.notes) + [(lf.rules[0].line, lf.summary) for lf in lifted.lifted]
@@ -93,7 +91,7 @@ def _line_of(warning: str) -> int:
 
 def _script(t: Translation) -> list[str]:
     lines = [f"# ipvs2nft translate --from iptables: {len(t.lifted.lifted)} service(s) lifted "
-             f"from {len(t.lifted.consumed)} rule(s); "
+             f"from {len(t.lifted.consumed)} rule(s); {len(t.jumps.lifted)} chain cascade(s) lifted; "
              f"{sum(len(p.lines) for p in t.passthrough.values())} line(s) from "
              "iptables-restore-translate"]
     services = list(t.table.services)
@@ -178,40 +176,10 @@ def _ipvs_scheduler(lf: Lifted, svc):
             f"deterministic order){lost}", False)
 
 
-# ---------------------------------------------------------------- entry point
-
-def _say(kind: str, items: list[tuple[int, str]]) -> None:
-    for line, text in sorted(items, key=lambda x: x[0]):
-        where = f"line {line}: " if line else ""
-        sys.stderr.write(f"ipvs2nft: {kind}: {where}{text}\n")
-
-
-def translate(data: bytes, strict: bool = False, target: str = "nft") -> int:
-    """The CLI: print the translation, warnings on stderr; 2 if the input
-    cannot be parsed.  With ``strict``, anything approximated or left
-    untranslated fails the run: warnings only, no output, exit 3 (as
-    ``--from ipvsadm --strict`` does)."""
-    text = data.decode("utf-8", "surrogateescape")
+def script_of(text: str, lines: int) -> str | None:
+    """The nft translation of the first ``lines`` lines, if they translate."""
     try:
-        t = run(text)
-    except ParseError as exc:
-        sys.stderr.write(f"ipvs2nft: line {exc.line}: {exc.message}\n")
-        return 2
-    _say("note", t.notes)
-    _say("warning", t.warnings)
-    for lf in t.lifted.lifted:
-        if lf.suggestion:
-            sys.stderr.write(f"ipvs2nft: suggestion: {lf.suggestion}\n")
-    approx = t.approximations
-    if target == "ipvsadm":
-        out, notes, extra = ipvsadm_rules(t)
-        _say("note", notes)
-        approx += extra
-    else:
-        out = "".join(line + "\n" for line in t.script_lines)
-    if strict and approx:
-        sys.stderr.write(f"ipvs2nft: --strict: {approx} approximated or untranslated item(s); "
-                         "nothing printed\n")
-        return 3
-    sys.stdout.write(out)
-    return 0
+        t = run("".join(line + "\n" for line in text.splitlines()[:lines]))
+    except ParseError:
+        return None
+    return "".join(line + "\n" for line in t.script_lines)

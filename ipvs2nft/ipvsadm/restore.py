@@ -1,11 +1,20 @@
-"""The ``-R`` input stream, split into command lines as ipvsadm splits it.
+"""ipvsadm command lines, split into words as ipvsadm splits them.
+
+The one tokenizer of ipvsadm input: ``ipvsadm -R`` (``lines``), the
+``ipvsadm-restore`` script and ``ipvs2nft translate`` (``script_lines``).
 
 ipvsadm's config_stream_read() reads tokens with
 ``fscanf("%4096[^ \\t\\n\\r]%1[ \\t\\n\\r]")``: no quoting, no comments (``#`` is
 an ordinary word), every word ``ipvsadm`` dropped wherever it stands, CR and
-tab are blanks.  One quirk is kept on purpose: a last line that has no
-newline and ends in two or more blanks is lost (the scanner meets EOF while
-skipping blanks and throws the line away).
+tab are blanks -- and nothing else is (a vertical tab or form feed is part
+of a word).  One quirk is kept on purpose: a last line that has no newline
+and ends in two or more blanks is lost (the scanner meets EOF while skipping
+blanks and throws the line away).
+
+The ipvsadm-restore script runs ``grep -v '^#'`` over its input and echoes
+the result into ``ipvsadm -R``: only a ``#`` in the first column makes a
+comment (``  # x`` is a command, and an invalid one), and the text always
+ends in one newline.
 """
 
 from __future__ import annotations
@@ -67,3 +76,15 @@ def scan(data: bytes) -> Iterator[list[str]]:
             pos += 1  # the one blank that %1[...] consumes with the word
     if words:
         yield words
+
+
+def script_lines(data: bytes) -> Iterator[tuple[int, list[str]]]:
+    """What the ipvsadm-restore script hands to ``ipvsadm -R``, as (line
+    number in ``data``, words) for every line it keeps: lines that begin
+    with ``#`` dropped (grep splits at newlines only), the trailing newlines
+    the shell's ``"$(...)"`` removes gone, and one put back by ``echo``."""
+    kept = [(n, line) for n, line in enumerate(data.split(b"\n"), 1) if not line.startswith(b"#")]
+    while kept and not kept[-1][1]:
+        kept.pop()
+    text = b"".join(line + b"\n" for _, line in kept)
+    yield from zip((n for n, _ in kept), lines(text), strict=True)

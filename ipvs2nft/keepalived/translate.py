@@ -13,12 +13,14 @@ themselves need ``ipvs2nft daemon --keepalived``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from ipvs2nft.health.state import VirtualServerState
 from ipvs2nft.keepalived import mapping
 from ipvs2nft.keepalived.config import Configuration
 from ipvs2nft.keepalived.lexer import ConfigError
 from ipvs2nft.model import Table
+from ipvs2nft.unsupported import Report
 
 
 def start_table(cfg: Configuration) -> Table:
@@ -44,25 +46,21 @@ def load(path: str):
         return None, str(exc)
 
 
-def report(cfg: Configuration) -> None:
-    for note in cfg.notes:
-        sys.stderr.write(f"ipvs2nft: note: {note}\n")
-    for warning in cfg.warnings:
-        sys.stderr.write(f"ipvs2nft: warning: {warning}\n")
-
-
-def translate(path: str, target: str, render_nft) -> int:
-    """Exit status: 0, or 2 when the configuration is refused (one line, with
-    file and line number, nothing on stdout)."""
+def translate(path: str, target: str, report: Report, table_script: Callable[[Table, Report], str]) -> int:
+    """Exit status: 0, 2 when the configuration is refused (one line, with
+    file and line number, nothing on stdout), 3 with --strict and a loss.
+    The notes and warnings name their file and line themselves."""
     from ipvs2nft.listing import save
 
     cfg, error = load(path)
     if cfg is None:
         sys.stderr.write(f"ipvs2nft: {error}\n")
         return 2
-    report(cfg)
+    for note in cfg.notes:
+        report.note(note)
+    for warning in cfg.warnings:
+        report.warn(warning)
     table = start_table(cfg)
     if target == "ipvsadm":
-        sys.stdout.write(save(table, numeric=True))
-        return 0
-    return render_nft(table)
+        return report.finish(save(table, numeric=True))
+    return report.finish(table_script(table, report))

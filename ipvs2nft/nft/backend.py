@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import replace
 
-from ipvs2nft import notice, sched
+from ipvs2nft import host, notice, sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
@@ -79,7 +79,6 @@ def _first_error(err: str) -> str:
 class NftBackend(Backend):
     """Programs ``table inet ipvs2nft`` from the model."""
 
-    name = "nft"
     checks = True
 
     def __init__(self, store) -> None:
@@ -130,7 +129,7 @@ class NftBackend(Backend):
         Tunnel devices the new table needs are created first (and removed
         again if nftables refuses); those it no longer needs go afterwards.
         """
-        wanted = direct.tunnels(new.table.services)
+        wanted = _tunnels(new.table)
         created = tunnels.ensure(wanted)
         try:
             self._apply(old, new)
@@ -138,7 +137,7 @@ class NftBackend(Backend):
             tunnels.remove(created)
             raise
         self._forget_counters(old.table, new.table)
-        before = tunnels.existing() if old.header_only else set(direct.tunnels(old.table.services))
+        before = tunnels.existing() if old.header_only else set(_tunnels(old.table))
         tunnels.remove(sorted(before - set(wanted)))
 
     def _apply(self, old, new) -> None:
@@ -169,7 +168,7 @@ class NftBackend(Backend):
         if gone:
             from ipvs2nft.nft import readback
 
-            readback.zero(gone)
+            readback.zero(gone, rids={d.rid for s in old.services if s.sid in gone for d in s.dests})
 
     def _whole(self, old, new) -> Table:
         """The full table after the change.  A partial snapshot holds only
@@ -189,22 +188,23 @@ class NftBackend(Backend):
 
     def rebuild(self, table: Table, generation: int) -> None:
         """Replace our tables as a whole (one transaction)."""
-        tunnels.ensure(direct.tunnels(table.services))
-        absent = self._absent(table)
-        carried = self._carry(table, absent)
-        self.nft.run(build.full(carried, generation, absent=absent, live=_live(carried)).text())
+        tunnels.ensure(_tunnels(table))
+        self.nft.run(self.expected_script(table, generation, live=True))
 
     # ------------------------------------------------------------ what this kernel can carry
-    def expected_script(self, table: Table, generation: int) -> str:
-        """The full script our tables should have been loaded from, on this kernel."""
+    def expected_script(self, table: Table, generation: int, live: bool = False) -> str:
+        """The full script our tables should have been loaded from, on this
+        kernel; with ``live``, managed services' choices from live counts
+        (the drift check does not compare those)."""
         absent = self._absent(table)
-        return build.full(self._carry(table, absent), generation, absent=absent).text()
+        carried = self._carry(table, absent)
+        return build.full(carried, generation, absent=absent, live=_live(carried) if live else None).text()
 
     @staticmethod
     def _absent(table: Table) -> frozenset[str]:
         """Tunnel devices the table needs that do not exist (after
         tunnels.ensure: the kernel has no driver for them)."""
-        wanted = direct.tunnels(table.services)
+        wanted = _tunnels(table)
         return frozenset(set(wanted) - tunnels.existing()) if wanted else frozenset()
 
     def _carry(self, table: Table, absent: frozenset[str] | None = None) -> Table:
@@ -212,7 +212,10 @@ class NftBackend(Backend):
         server without its device (no ipip, gre or fou driver) stays in the
         store, in listings and in ``-S`` -- ipvsadm accepted it and IPVS
         would use it -- but is given no new connections here (weight 0, as
-        quiesced) and forwards nothing; syslog says so once."""
+        quiesced) and forwards nothing; syslog says so once.  A direct or
+        tunnelled server that is this host is delivered locally, as IPVS
+        delivers it (direct.local_nodes)."""
+        table = direct.local_nodes(table, host.is_local)
         absent = self._absent(table) if absent is None else absent
         if not absent:
             return table
@@ -247,7 +250,7 @@ class NftBackend(Backend):
         from ipvs2nft.nft import readback
 
         sids = {s.sid for s in services if s.sid}
-        readback.zero(sids)
+        readback.zero(sids, rids={d.rid for s in services for d in s.dests})
         control.tell("zeroed", sids=sorted(sids))
 
     # ------------------------------------------------------------ checking
@@ -283,7 +286,7 @@ class NftBackend(Backend):
         expected = self.expected_script(snapshot.table, snapshot.generation)
         # The scratch namespace loads and lists while we list the kernel's
         # tables: at 10,000 services each side takes about a second.
-        child = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "ipvs2nft.nft.scratch"],
+        child = subprocess.Popen(["unshare", "-n", sys.executable, "-P", "-m", "ipvs2nft.nft.scratch"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  text=True, env=_module_env())
         chunks: list[str] = []
@@ -340,11 +343,20 @@ def _daemon_stats() -> dict | None:
         return None
 
 
-def _module_env() -> dict:
-    """Run our own modules in the child whatever the caller's sys.path."""
-    from pathlib import Path
+def _tunnels(table: Table) -> dict:
+    """The tunnel devices the table needs here: none for a local server."""
+    return direct.tunnels(direct.local_nodes(table, host.is_local).services)
 
-    root = str(Path(__file__).resolve().parent.parent.parent)
+
+def _module_env() -> dict:
+    """Run our own modules in the child whatever the caller's sys.path: the
+    directory this package was imported from (a checkout, a venv, Debian's
+    dist-packages), not the working directory, which ``-m`` would put first
+    (the child runs with ``-P``): an ipvsadm started from inside another
+    checkout must not load that checkout's code."""
+    import ipvs2nft
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ipvs2nft.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env

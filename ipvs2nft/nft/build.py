@@ -54,7 +54,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from ipvs2nft import dynsched, sched
-from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
+from ipvs2nft.model import Dest, Service, Table, Timeouts
 from ipvs2nft.netaddr import AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP
 from ipvs2nft.nft import direct
 
@@ -397,11 +397,7 @@ def slot_elements(svc: Service, slots: sched.Slots) -> dict[str, list[str]]:
     base = slot_base(svc)
     out: dict[str, list[str]] = {}
     if direct.is_direct(svc):
-        for d in svc.dests:
-            if d.fwd is Forward.MASQ:
-                name, value = _placement(svc, d)
-                out.setdefault(name, []).append(f"{direct.rid_key(d)} : {value}")
-        return out
+        return direct.inet_elements(svc, lambda d: _placement(svc, d))
     for i, j in enumerate(slots.dyn):  # numgen value -> fixed slot (j < 0: none, unreachable)
         out.setdefault("dyn", []).append(f"{base + i} : {base + (j if j >= 0 else NO_SLOT)}")
     for i, d in enumerate(slots.table):

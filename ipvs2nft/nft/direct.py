@@ -12,7 +12,7 @@ skip the nat chains and the director answers RST).  So dispatch runs in a
 filter chain at priority ``raw``, before conntrack, for address services,
 and at ``mangle + 1`` for fwmark services (after the rules that set the
 mark).  Conntrack keeps no state for these flows, so a dynamic set
-``flows`` (client address . client port . rid) sends every packet of a flow
+``flows`` (client address . port . virtual address . port . rid) sends every packet of a flow
 to the server its first packet went to; its timeouts follow ``--set``
 (tcpfin once a FIN or RST was seen).
 
@@ -20,24 +20,61 @@ A service with both masquerading and direct servers is scheduled here; when
 the choice is a masquerading server the packet goes on with the slot number
 in ``meta priority``, and the service's chain in ``inet ipvs2nft`` DNATs from
 it (``build.py``).
+
+A direct-routed or tunnelled real server that is this host (127.0.0.1, ::1,
+any address of the director: ldirectord's ``fallback = 127.0.0.1:80 gate``,
+ctdb's LVS leader, the LVS "localnode" set-up) must not be ``dup``-ed: the
+clone to a local address comes back in through ``lo`` with the VIP still its
+destination, is scheduled again and dup-ed again -- one datagram became
+millions of packets.  IPVS asks the route of every packet and, for a local
+one, lets the packet go on to the local stack unchanged
+(``ip_vs_dr_xmit``/``ip_vs_tunnel_xmit`` -> ``ip_vs_send_or_cont(..., 1)``;
+recorded: tests/fixtures/oracle/local-servers).  ``local_nodes`` turns such
+servers into ``Forward.LOCAL`` when the table is written, and their chain
+accepts the packet (with a key the inet table's ``slots`` map accepts too,
+so its NAT leaves the connection alone).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from ipvs2nft import sched
-from ipvs2nft.model import Dest, Forward, Service, Timeouts
-from ipvs2nft.netaddr import AF_INET6
+from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
+from ipvs2nft.netaddr import AF_INET6, IPAddress
 
 FLOW_SIZE = 1048576
 RID_KEY = 0x80000000  # meta priority key of one masquerading server (rid below 2^31)
+
+
+# (hook, chain, what it leaves alone) of the dispatch chains; the fwmark
+# dispatch of each hook runs at mangle + 1 (chain "mangle" / "omangle")
+DISPATCH_HOOKS = (("prerouting", "raw", 'iif "lo" accept'), ("output", "oraw", "ct state untracked accept"))
 
 
 def table(fam: str) -> str:
     return f"ip{'' if fam == '4' else '6'} ipvs2nft"
 
 
+def local_nodes(table: Table, is_local: Callable[[IPAddress], bool]) -> Table:
+    """``table`` with every direct-routed or tunnelled real server whose
+    address ``is_local`` (host.is_local: this namespace's routes) carried
+    out as IPVS carries it out: delivered to the local stack (Forward.LOCAL).
+    The kernel decides per packet; this is decided whenever the table is
+    written (a drift check rewrites it when the expected script changes)."""
+    services = []
+    changed = False
+    for svc in table.services:
+        dests = tuple(replace(d, fwd=Forward.LOCAL) if d.fwd in (Forward.ROUTE, Forward.TUNNEL)
+                      and is_local(d.addr) else d for d in svc.dests)
+        changed |= dests != svc.dests
+        services.append(svc if dests == svc.dests else replace(svc, dests=dests))
+    return Table(services, table.timeouts, table.daemons, table.snat) if changed else table
+
+
 def is_direct(svc: Service) -> bool:
-    """Scheduled here: the service has a direct-routed or tunnelled server."""
+    """Scheduled here: the service has a direct-routed, tunnelled or local server."""
     return any(d.fwd is not Forward.MASQ for d in svc.dests)
 
 
@@ -78,19 +115,36 @@ def skeleton(script, timeouts: Timeouts) -> None:
         s(f"add map {t} dslots {{ type classid : verdict; }}")
         # numgen value -> fixed slot, for services scheduled from live counts (build.py)
         s(f"add map {t} ddyn {{ typeof numgen inc mod 2 : meta priority; flags dynamic; }}")
-        s(f"add set {t} flows {{ type {addr} . inet_service . mark; flags dynamic,timeout; "
-          f"size {FLOW_SIZE}; }}")
+        s(f"add set {t} flows {{ type {addr} . inet_service . {addr} . inet_service . mark; "
+          f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
+        # IPVS's statistics of direct-routed and tunnelled servers, per rid:
+        # packets and bytes in (the director never sees their replies) and
+        # new connections; masqueraded and local ones are counted by
+        # conntrack in the inet table
+        s(f"add set {t} dstat {{ type mark; flags dynamic; counter; size {FLOW_SIZE}; }}")
+        s(f"add set {t} dconn {{ type mark; flags dynamic; counter; size {FLOW_SIZE}; }}")
+        s(f"add set {t} fins {{ type {addr} . inet_service . {addr} . inet_service . mark; "
+          f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
         s(f"add set {t} persist {{ type {addr} . mark; flags dynamic,timeout; size {FLOW_SIZE}; }}")
         s(f"add chain {t} unreachable")
         s(f"add rule {t} unreachable reject with icmp{'v6' if fam == '6' else ''} type port-unreachable")
         s(f"add chain {t} pick")
         s(f"add rule {t} pick meta priority vmap @dslots")
         s(f"add rule {t} pick goto unreachable")
-        s(f"add chain {t} raw {{ type filter hook prerouting priority raw; policy accept; }}")
-        s(f"add rule {t} raw {ip} daddr . meta l4proto . th dport vmap @dsvc")
-        s(f"add rule {t} raw {ip} daddr . meta l4proto vmap @dsvcp0")
-        s(f"add chain {t} mangle {{ type filter hook prerouting priority mangle + 1; policy accept; }}")
-        s(f"add rule {t} mangle meta l4proto {{ tcp, udp, sctp }} meta mark vmap @dfwm")
+        # The director's own connections are scheduled on their way out
+        # (IPVS: ip_vs_local_request at LOCAL_OUT), and not again when they
+        # come back in through lo (a local real server).  The clones ``dup``
+        # sends pass the output hook too: conntrack-untracked (nf_dup_ipv4/6
+        # marks them so), they are left alone.
+        for hook, name, skip in DISPATCH_HOOKS:
+            s(f"add chain {t} {name} {{ type filter hook {hook} priority raw; policy accept; }}")
+            s(f"add rule {t} {name} {skip}")
+            s(f"add rule {t} {name} {ip} daddr . meta l4proto . th dport vmap @dsvc")
+            s(f"add rule {t} {name} {ip} daddr . meta l4proto vmap @dsvcp0")
+            mangle = "mangle" if name == "raw" else "omangle"
+            s(f"add chain {t} {mangle} {{ type filter hook {hook} priority mangle + 1; policy accept; }}")
+            s(f"add rule {t} {mangle} {skip}")
+            s(f"add rule {t} {mangle} meta l4proto {{ tcp, udp, sctp }} meta mark vmap @dfwm")
 
 
 def _dispatch(svc: Service) -> tuple[str, str]:
@@ -110,7 +164,11 @@ def _client(svc: Service) -> str:
 
 
 def _flow_key(svc: Service, fam: str) -> str:
-    return f"{_ip(fam)} saddr . th sport"
+    """A flow: client address and port, and the address and port it was
+    sent to (what ``-L -c`` shows as virtual; one fwmark service spans
+    several)."""
+    ip = _ip(fam)
+    return f"{ip} saddr . th sport . {ip} daddr . th dport"
 
 
 def _not_one_packet(svc: Service) -> str | None:
@@ -153,20 +211,37 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts, absent: frozenset[str
     elif svc.protocol == 17 and not svc.fwmark:
         rules = [f"update @flows {{ {key} timeout {timeouts.udp}s }}"]
     else:
-        rules = [f"tcp flags & (fin | rst) != 0 update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
-                 f"tcp flags & (fin | rst) == 0 update @flows {{ {key} timeout {timeouts.tcp}s }}",
+        # IPVS's INPUT-ONLY TCP states: the client's FIN or RST ends the
+        # active part (tcpfin timeout) and the ACKs that follow do not bring
+        # it back; a new SYN on the same ports does.  ``fins`` remembers the
+        # closing flows for as long.
+        looked = f"{_flow_key(svc, fam)} . meta mark & 0x0 | {dest.rid:#010x}"
+        rules = [f"tcp flags & syn != 0 delete @fins {{ {key} }}",
+                 f"tcp flags & (fin | rst) != 0 update @fins {{ {key} timeout {timeouts.tcpfin}s }}",
+                 f"meta l4proto tcp {looked} @fins update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
+                 f"meta l4proto tcp {looked} != @fins update @flows {{ {key} timeout {timeouts.tcp}s }}",
                  f"meta l4proto != tcp {only}update @flows {{ {key} timeout {timeouts.udp}s }}"]
     if svc.persistent:
         rules.append(f"update @persist {{ {_client(svc)} . {dest.rid:#010x} timeout {svc.timeout}s }}")
-    if dest.fwd is Forward.MASQ:
-        # handed on to inet ipvs2nft, which DNATs from this key
+    counted = ""
+    if dest.fwd in (Forward.ROUTE, Forward.TUNNEL):
+        rid = f"meta mark & 0x0 | {dest.rid:#010x}"
+        # a new connection: its first packet, before the flow is remembered
+        # (with -o every datagram is one, as IPVS counts them)
+        rules.insert(0, f"update @dconn {{ {rid} }}" if only is None
+                     else f"{_flow_key(svc, fam)} . {rid} != @flows update @dconn {{ {rid} }}")
+        counted = f"update @dstat {{ {rid} }} "
+    if dest.fwd in (Forward.MASQ, Forward.LOCAL):
+        # handed on to inet ipvs2nft, which DNATs from this key (MASQ) or
+        # lets the connection go on to the local stack (LOCAL, inet_elements)
         rules.append(f"counter meta priority set {rid_key(dest)} accept")
     elif dest.fwd is Forward.TUNNEL and tunnel_device(dest) in absent:
         rules.append("counter drop")  # no device on this kernel; the server is not scheduled
     elif dest.fwd is Forward.TUNNEL:
-        rules.append(f"counter dup to {_tunnel_nexthop(svc, dest)} device \"{tunnel_device(dest)}\" drop")
+        device = tunnel_device(dest)
+        rules.append(f"counter {counted}dup to {_tunnel_nexthop(svc, dest)} device \"{device}\" drop")
     else:
-        rules.append(f"counter dup to {dest.addr} drop")
+        rules.append(f"counter {counted}dup to {dest.addr} drop")
     return rules
 
 
@@ -178,6 +253,23 @@ def _tunnel_nexthop(svc: Service, dest: Dest) -> str:
     if svc.af != AF_INET6 and dest.af != AF_INET6:
         return str(dest.addr)
     return "fe80::1" if svc.af == AF_INET6 else "169.254.0.1"
+
+
+def inet_elements(svc: Service, placement: Callable[[Dest], tuple[str, str]]) -> dict[str, list[str]]:
+    """Elements of ``inet ipvs2nft``'s maps for a service scheduled here:
+    the key of each masquerading server -> its DNAT (``placement``), and of
+    each local one -> accept (no NAT: the packet keeps the VIP, as IPVS
+    hands it to the local stack)."""
+    out: dict[str, list[str]] = {}
+    for d in svc.dests:
+        if d.fwd is Forward.MASQ:
+            name, value = placement(d)
+        elif d.fwd is Forward.LOCAL:
+            name, value = "slots", "accept"
+        else:
+            continue
+        out.setdefault(name, []).append(f"{rid_key(d)} : {value}")
+    return out
 
 
 def slot_elements(svc: Service, slots: sched.Slots, base: int) -> list[str]:

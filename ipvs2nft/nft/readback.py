@@ -137,17 +137,19 @@ def _nfnl():
     return Nfnetlink()
 
 
-def _elements(nfnl, name: str) -> list:
+def _elements(nfnl, name: str, family: str = TABLE_FAMILY) -> list:
     from ipvs2nft.netlink import NetlinkError
 
     try:
-        return nfnl.set_elements(TABLE_FAMILY, TABLE_NAME, name)
+        return nfnl.set_elements(family, TABLE_NAME, name)
     except NetlinkError:
         return []  # no table (yet): nothing counted
 
 
-def read_counts(nfnl=None) -> KernelCounts:
-    """Every counter of ``stat4/6`` and ``conn4/6``."""
+def read_counts(nfnl=None, table=None) -> KernelCounts:
+    """Every counter of ``stat4/6`` and ``conn4/6``; with ``table``, also
+    the direct-routed and tunnelled servers' ``dstat``/``dconn`` (kept per
+    rid, which the table maps to its service)."""
     own = nfnl is None
     nfnl = nfnl or _nfnl()
     try:
@@ -155,10 +157,98 @@ def read_counts(nfnl=None) -> KernelCounts:
         for fam, v6 in (("4", False), ("6", True)):
             decode_stat(_elements(nfnl, f"stat{fam}"), v6, counts)
             decode_conn(_elements(nfnl, f"conn{fam}"), v6, counts)
+        if table is not None and _has_direct(table):
+            rids = {d.rid: (s.sid, d.key) for s in table.services for d in s.dests}
+            for family in ("ip", "ip6"):
+                for name, pkts, byts in (("dstat", INPKTS, INBYTES), ("dconn", CONNS, None)):
+                    for e in _elements(nfnl, name, family):
+                        found = rids.get(_U32(e.key, 0)[0])
+                        if found is not None and e.packets is not None:
+                            counts.add(found, pkts, e.packets)
+                            if byts is not None:
+                                counts.add(found, byts, e.bytes or 0)
         return counts
     finally:
         if own:
             nfnl.close()
+
+
+def _has_direct(table) -> bool:
+    from ipvs2nft.nft import direct
+
+    return any(direct.is_direct(s) for s in table.services)
+
+
+@dataclass(frozen=True)
+class DirectFlow:
+    """A flow of a direct-routed or tunnelled server (``flows`` of the
+    ``ip``/``ip6 ipvs2nft`` tables; conntrack never sees these)."""
+
+    client: object
+    cport: int
+    vaddr: object
+    vport: int
+    rid: int
+    timeout_ms: int  # the timeout it was created with: tells TCP from UDP in a fwmark service
+    expires_ms: int
+    closing: bool = False  # the client sent FIN or RST (in ``fins``)
+
+
+def decode_flows(elements: Iterable, v6: bool, closing: frozenset = frozenset()) -> list[DirectFlow]:
+    """client . port . virtual address . port . rid."""
+    alen = 16 if v6 else 4
+    out = []
+    for e in elements:
+        k = e.key
+        client, cport = k[:alen], _PORT(k, alen)[0]
+        at = alen + 4
+        vaddr, vport = k[at:at + alen], _PORT(k, at + alen)[0]
+        rid = _U32(k, at + alen + 4)[0]
+        out.append(DirectFlow(_addr(client), cport, _addr(vaddr), vport, rid, e.timeout or 0,
+                              e.expiration or 0, k in closing))
+    return out
+
+
+def read_direct_flows(nfnl=None) -> list[DirectFlow]:
+    own = nfnl is None
+    nfnl = nfnl or _nfnl()
+    try:
+        out = []
+        for family, v6 in (("ip", False), ("ip6", True)):
+            closing = frozenset(e.key for e in _elements(nfnl, "fins", family))
+            out += decode_flows(_elements(nfnl, "flows", family), v6, closing)
+        return out
+    finally:
+        if own:
+            nfnl.close()
+
+
+def direct_counts(table, flows: Iterable[DirectFlow]) -> dict:
+    """ServiceKey -> Dest.key -> (active, inactive) of direct flows.  IPVS
+    sees only what the client sends (its INPUT-ONLY TCP states): active
+    until the client's FIN or RST, which the flow's timeout tells
+    (``--set`` tcp before, tcpfin after: direct.rs_rules); UDP never."""
+    by_rid = {d.rid: (s, d) for s in table.services for d in s.dests}
+    out: dict = {}
+    for f in flows:
+        found = by_rid.get(f.rid)
+        if found is None:
+            continue
+        svc, dest = found
+        pair = out.setdefault(svc.key, {}).setdefault(dest.key, [0, 0])
+        pair[0 if _direct_tcp(svc, f, table) and not f.closing else 1] += 1
+    return out
+
+
+def _direct_tcp(svc, f: DirectFlow, table) -> bool:
+    """Is the flow TCP?  A fwmark service's flows are told apart by the
+    timeout they were created with (direct.rs_rules: udp for others)."""
+    from ipvs2nft.model import Timeouts
+
+    if not svc.fwmark:
+        return svc.protocol == 6
+    t = table.timeouts if table.timeouts.tcp else Timeouts()
+    return f.timeout_ms != t.udp * 1000
 
 
 def read_templates(nfnl=None) -> list[Template]:
@@ -181,7 +271,7 @@ def read_flows() -> list:
         return ct.dump(CT_MARK_OURS, CT_MARK_OURS)
 
 
-def zero(sids: set[int], nfnl=None) -> None:
+def zero(sids: set[int], nfnl=None, rids: set[int] = frozenset()) -> None:
     """``-Z``: the counters of these services start again from zero.
 
     Element counters cannot be reset on the 6.1 kernels Debian runs
@@ -198,6 +288,11 @@ def zero(sids: set[int], nfnl=None) -> None:
                 for e in _elements(nfnl, name):
                     if sid_of_mark(_U32(e.key, 0)[0]) in sids:
                         batch.delete(name, e.key)
+            for family in ("ip", "ip6") if rids else ():
+                for name in ("dstat", "dconn"):
+                    for e in _elements(nfnl, name, family):
+                        if _U32(e.key, 0)[0] in rids:
+                            batch.delete(name, e.key, family=family)
             try:
                 nfnl.commit(batch)
                 return
@@ -271,10 +366,12 @@ def measured(table, daemon_stats: dict | None = None) -> Measured:
     conntable = LiveTable(table)
     conntable.resync(read_flows(), time.monotonic())
     with _nfnl() as nfnl:
+        if _has_direct(table):
+            conntable.set_direct(direct_counts(table, read_direct_flows(nfnl)))
         persist: dict[int, int] = {}
         for t in read_templates(nfnl):
             persist[t.rid] = persist.get(t.rid, 0) + 1
-        counts = read_counts(nfnl) if daemon_stats is None else KernelCounts()
+        counts = read_counts(nfnl, table) if daemon_stats is None else KernelCounts()
     return Measured(conntable, persist, counts, daemon_stats)
 
 
@@ -297,8 +394,11 @@ def connection_rows(table) -> list:
             state = proto
         rows.append(ConnRow(proto, flow.timeout or 0, state,
                             (_addr(flow.orig.src), flow.orig.sport), (_addr(flow.orig.dst), flow.orig.dport),
-                            (_addr(flow.reply.src), flow.reply.sport), 0 if svc.fwmark else flow.proto))
+                            (_addr(flow.reply.src), flow.reply.sport), flow.proto))
     by_rid = {d.rid: (svc, d) for svc in table.services for d in svc.dests}
+    if _has_direct(table):
+        rows += [direct_row(by_rid[f.rid][0], by_rid[f.rid][1], f, table)
+                 for f in read_direct_flows() if f.rid in by_rid]
     for t in read_templates():
         found = by_rid.get(t.rid)
         if found is None:
@@ -306,6 +406,20 @@ def connection_rows(table) -> list:
         svc, dest = found
         rows.append(template_row(svc, dest, t))
     return rows
+
+
+def direct_row(svc, dest, f: DirectFlow, table):
+    """A direct-routed flow: TCP while the client has not closed it is
+    ESTABLISHED, afterwards FIN_WAIT (IPVS's INPUT-ONLY table: the client's
+    FIN moves ESTABLISHED to FIN_WAIT); UDP is UDP."""
+    from ipvs2nft.listing import ConnRow
+
+    tcp = _direct_tcp(svc, f, table)
+    proto = 6 if tcp else 17
+    state = ("FIN_WAIT" if f.closing else "ESTABLISHED") if tcp else "UDP"
+    port = dest.port or f.vport
+    return ConnRow(PROTO_NAMES[proto], (f.expires_ms + 999) // 1000, state, (f.client, f.cport),
+                   (f.vaddr, f.vport), (dest.addr, port), proto)
 
 
 def template_row(svc, dest, t: Template, assured: bool = True):

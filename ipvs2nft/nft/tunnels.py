@@ -68,8 +68,9 @@ def ensure(wanted: dict[str, Dest]) -> list[str]:
     """Create the missing devices; returns the names created (to undo).
 
     A device this kernel cannot make at all (no ipip, gre or fou driver) is
-    left out: ``present`` tells the back end, which then keeps that real
-    server out of scheduling.  Any other failure raises."""
+    left out: the back end finds it missing (``existing``, in
+    ``NftBackend._absent``) and keeps that real server out of scheduling.
+    Any other failure raises."""
     have = existing() if wanted else set()
     created = []
     for name, dest in wanted.items():
