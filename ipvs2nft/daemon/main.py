@@ -251,7 +251,7 @@ class Daemon:
         from ipvs2nft import host
         from ipvs2nft.cli.ipvsadm import _session
 
-        host.local_broadcasts.cache_clear()
+        host.forget()  # the routing table as it is now (host.py caches it)
         _session().mutate(keys, change)
         self.reload()
 
