@@ -202,8 +202,10 @@ def test_misc_check_exit_codes_and_misc_dynamic_weights(lab, tmp_path):
     script.write_text("#!/bin/sh\nexit $(cat \"$1\" 2>/dev/null || echo 0)\n")
     script.chmod(0o755)
     codes = [tmp_path / f"code{i}" for i in range(2)]
-    servers = "".join(real(i, f"MISC_CHECK {{\n            misc_path \"{script} {codes[i]}\"\n"
-                              "            misc_dynamic\n        }", "        weight 3") for i in range(2))
+    # misc_timeout 5: the scripts' time limit is delay_loop (1 s) otherwise, tight on a busy machine
+    misc = ("MISC_CHECK {{\n            misc_path \"{} {}\"\n            misc_timeout 5\n"
+            "            misc_dynamic\n        }}")
+    servers = "".join(real(i, misc.format(script, codes[i]), "        weight 3") for i in range(2))
     lab.daemon("--keepalived", conf(tmp_path, servers))
     assert weights(lab) == {rs4(0): 3, rs4(1): 3}
     codes[0].write_text("1")  # down

@@ -33,6 +33,8 @@ from ipvs2nft.keepalived.config import Configuration, MiscCheck
 
 Apply = Callable[[list[VirtualServerState]], None]
 RETRY_APPLY = 1.0  # seconds before a refused table change is tried again
+STALL = 0.25  # a failed probe that ends this much after its timeout saw a busy loop, not the server
+MAX_DISCARDS = 3  # such failures discarded in a row before they count anyway
 
 
 @dataclass
@@ -108,9 +110,19 @@ class Engine:
             await asyncio.wait(self.children, timeout=0.5)
 
     # ------------------------------------------------------------ checkers
+    @staticmethod
+    def stalled(chk: CheckerState, outcome: Outcome) -> bool:
+        """A probe that failed well after its timeout: the loop was held (a
+        table change, the daemon's drift check) when the deadline passed, so
+        the failure may be ours, not the server's.  asyncio runs I/O
+        callbacks before timers, so an answer that came in time still wins."""
+        timeout = chk.cfg.connect_timeout if chk.cfg.has_connection else None
+        return not outcome.ok and timeout is not None and outcome.seconds > timeout + STALL
+
     async def run(self, chk: CheckerState) -> None:
         loop = asyncio.get_running_loop()
         planned = loop.time() + random.uniform(0, chk.cfg.warmup or 0)
+        discarded = 0
         while True:
             await asyncio.sleep(max(0.0, planned - loop.time()))
             started = loop.time()
@@ -120,6 +132,11 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a probe's bug must not stop its checker
                 self.log(f"{chk.cfg.kind} on {chk.label}: {type(exc).__name__}: {exc}")
                 outcome = Outcome(False, 0.0, status=None, why=str(exc))
+            if self.stalled(chk, outcome) and discarded < MAX_DISCARDS:
+                discarded += 1  # not believed: probe again at once
+                planned = loop.time()
+                continue
+            discarded = 0
             if isinstance(chk.cfg, MiscCheck):
                 delay = chk.vs.misc_epilog(chk, outcome.status, chk.cfg.dynamic)
             else:

@@ -270,8 +270,10 @@ async def misc(chk: MiscCheck) -> int | None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        await proc.wait()
-        return None
+        status = await proc.wait()
+        # a script that ended before the kill (its exit not yet seen because the
+        # loop was busy) keeps its status; one the kill ended is a timeout
+        return status if status >= 0 else None
 
 
 # ---------------------------------------------------------------- ping
