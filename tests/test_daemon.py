@@ -301,6 +301,30 @@ def test_foreign_flush_is_repaired_with_the_live_choices(lab):
         daemon.stop()
 
 
+def test_hand_edit_inside_our_table_is_repaired(lab):
+    """A rule added by hand inside our table (here one that drops every
+    new connection) is noticed through nftables' notifications and the
+    table rebuilt from the store; a foreign table loaded next to it is left
+    alone."""
+    lab.ipvsadm(f"-A -t {VIP4}:80 -s rr")
+    lab.ipvsadm(f"-a -t {VIP4}:80 -r {rs4(0)}:80 -m")
+    daemon = lab.daemon()
+    try:
+        lab.ns(lab.director, "nft", "add table inet foreign; add chain inet foreign c; "
+                             "add rule inet foreign c counter")
+        lab.ns(lab.director, "nft", "insert rule inet ipvs2nft dispatch drop")
+        deadline = time.monotonic() + 5
+        dispatch = ("list", "chain", "inet", "ipvs2nft", "dispatch")
+        while time.monotonic() < deadline and "drop" in lab.nft(*dispatch):
+            time.sleep(0.1)
+        assert "drop" not in lab.nft(*dispatch)
+        assert lab.backends(VIP4, 80, 2) == [rs4(0)] * 2
+        assert "counter" in lab.nft("list", "table", "inet", "foreign")
+    finally:
+        daemon.stop()
+        lab.ns(lab.director, "nft", "delete table inet foreign", check=False)
+
+
 def test_garbage_on_the_control_socket(lab):
     daemon = lab.daemon()
     try:

@@ -28,7 +28,8 @@ from ipvs2nft.model import Table
 
 FOLLOW_EVERY = 0.2  # seconds between looks at the state file
 DIRECT_EVERY = 0.25  # seconds between reads of direct-routed flows (no events for them)
-DRIFT_EVERY = 1.0  # seconds between checks that our table is still there
+DRIFT_EVERY = 5.0  # seconds between checks that our table is still there (the monitor's safety net)
+OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
 RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
 
 
@@ -75,7 +76,8 @@ class Daemon:
         self.estimator = Estimator()
         self.dirty: set = set()
         self.stopping = asyncio.Event()
-        self.sock = self.events = self.ct = self.nfnl = None
+        self.sock = self.events = self.ct = self.nfnl = self.monitor = None
+        self._verifying = False
         self.publisher: Publisher | None = None
         self.table_handle = None
         self._expiry_timer = None
@@ -108,7 +110,10 @@ class Daemon:
         except (ConntrackUnavailable, OSError) as exc:
             raise DaemonError(f"connection tracking is not available ({exc}): the daemon needs "
                               "nf_conntrack and its netlink interface (nf_conntrack_netlink)") from None
+        from ipvs2nft.nft.nfnetlink import Monitor
+
         self.nfnl = Nfnetlink()
+        self.monitor = Monitor()  # before the first repair: no change can slip between
         self.publisher = Publisher(self.nfnl)
 
     async def run(self) -> int:
@@ -127,6 +132,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.events.fileno(), self.on_events)
         loop.add_reader(self.sock.fileno(), self.on_accept)
+        loop.add_reader(self.monitor.fileno(), self.on_nft_events)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(repair=True))
@@ -149,11 +155,12 @@ class Daemon:
             task.cancel()
         loop.remove_reader(self.events.fileno())
         loop.remove_reader(self.sock.fileno())
+        loop.remove_reader(self.monitor.fileno())
         self.close()
         return 0
 
     def close(self) -> None:
-        for thing in (self.sock, self.events, self.ct, self.nfnl):
+        for thing in (self.sock, self.events, self.ct, self.nfnl, self.monitor):
             if thing is not None:
                 try:
                     thing.close()
@@ -219,6 +226,51 @@ class Daemon:
             return self.nfnl.table_handle("inet", "ipvs2nft")
         except OSError:
             return None
+
+    def on_nft_events(self) -> None:
+        """nftables changes by anyone: our own are ignored, an ipvsadm
+        commit (it always swaps the generation element) is followed at once,
+        and anything else that touches our tables -- a flush, a deleted
+        table, a rule added by hand -- is repaired from the store, within a
+        moment and without polling the ruleset."""
+        from ipvs2nft.netlink import EventsLost
+        from ipvs2nft.nft.nfnetlink import NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM
+
+        gen_writes = (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM)  # a flush deletes the set, not its element
+        try:
+            done = self.monitor.transactions()
+        except EventsLost as exc:  # some notifications were lost: look for ourselves
+            done, lost = exc.events, True
+        else:
+            lost = False
+        foreign = committed = False
+        for t in done:
+            if t.pid == os.getpid() or not any(t.touches(f, n) for f, n in OURS):
+                continue
+            if any(e.kind in gen_writes and e.table == "ipvs2nft" and e.name == "gen" for e in t.events):
+                committed = True  # ipvsadm (or another ipvs2nft) moved the generation
+            else:
+                foreign = True
+        if committed:
+            self.follow()
+        if foreign or lost:
+            self.counters["foreign"] = self.counters.get("foreign", 0) + 1
+            asyncio.get_event_loop().create_task(self.verify_and_repair())
+
+    async def verify_and_repair(self) -> None:
+        """Compare our tables with the store's (a scratch namespace: slow at
+        10,000 services, so off the loop) and rebuild them if they differ,
+        as ipvsadm's drift check does; then publish the live choices again."""
+        if self._verifying:
+            return
+        self._verifying = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _verify_and_repair)
+        except Exception as exc:  # noqa: BLE001 - the next change or check tries again
+            _log(f"repair: {type(exc).__name__}: {exc}")
+        finally:
+            self._verifying = False
+        self.reload()
 
     def check_drift(self) -> None:
         """Our table flushed or deleted by someone else (``nft flush
@@ -412,6 +464,14 @@ class Daemon:
             return {"ok": True, "services": sum(1 for _ in self.table.services),
                     "connections": len(self.live.conns), **self.counters}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def _verify_and_repair() -> None:
+    from ipvs2nft.cli.ipvsadm import _session
+
+    session = _session()
+    with session.store.locked():
+        session._repair()  # noqa: SLF001 - the same repair every ipvsadm command runs
 
 
 def _log(text: str) -> None:
