@@ -260,6 +260,24 @@ def test_connection_list_and_persistence_templates(lab):
     assert re.search(rf"{held[0].backend}:{HOLD}\s+1\s+1\s+2\s+0", pc), pc
 
 
+def test_a_template_lives_while_it_controls_connections(lab):
+    """rr -p 2: a client with a connection still open keeps its server
+    after the persistence timeout, as IPVS re-arms the template (60 s at a
+    time) while it controls connections; rr alone would move it on."""
+    lab.ipvsadm(f"-A -t {V} -s rr -p 2")
+    for i in range(2):
+        lab.ipvsadm(f"-a -t {V} -r {rs4(i)}:{HOLD} -m")
+    daemon = lab.daemon()
+    try:
+        first = lab.session(VIP4, HOLD)
+        time.sleep(4)  # twice the persistence timeout
+        pc = lab.ipvsadm("-L -n --persistent-conn").stdout
+        assert re.search(rf"{first.backend}:{HOLD}\s+1\s+1\s+1\s+0", pc), pc
+        assert lab.session(VIP4, HOLD).backend == first.backend
+    finally:
+        daemon.stop()
+
+
 # ---------------------------------------------------------------- failures
 
 def test_kill_9_keeps_forwarding_and_a_restart_counts_from_a_dump(lab):

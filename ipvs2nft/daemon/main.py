@@ -28,6 +28,8 @@ from ipvs2nft.model import Table
 
 FOLLOW_EVERY = 0.2  # seconds between looks at the state file
 DIRECT_EVERY = 0.25  # seconds between reads of direct-routed flows (no events for them)
+TEMPLATE_EVERY = 1.0  # seconds between looks at persistence templates about to expire
+TEMPLATE_REARM = 60  # seconds: ip_vs_conn_expire re-arms a template that still controls connections
 DRIFT_EVERY = 5.0  # seconds between checks that our table is still there (the monitor's safety net)
 OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
 RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
@@ -140,7 +142,8 @@ class Daemon:
                  asyncio.create_task(self._every(FOLLOW_EVERY, self.follow)),
                  asyncio.create_task(self._every(DRIFT_EVERY, self.check_drift)),
                  asyncio.create_task(self._every(self.resync_every, self.resync_and_publish)),
-                 asyncio.create_task(self._every(DIRECT_EVERY, self.poll_direct))]
+                 asyncio.create_task(self._every(DIRECT_EVERY, self.poll_direct)),
+                 asyncio.create_task(self._every(TEMPLATE_EVERY, self.keep_templates))]
         self.schedule_expiry()
         count = sum(1 for _ in self.table.services)
         notify(f"READY=1\nSTATUS=following {count} services\nMAINPID={os.getpid()}")
@@ -347,6 +350,60 @@ class Daemon:
         flows = readback.read_direct_flows(self.nfnl)
         self.dirty |= self.live.set_direct(readback.direct_counts(self.table, flows))
         self.flush()
+
+    def keep_templates(self) -> None:
+        """IPVS keeps a persistence template alive while connections it sent
+        are still in the connection table (``n_control``), re-arming it for
+        60 s at a time; the data plane refreshes ours only when the client
+        opens a new connection.  So a template about to expire whose client
+        network still has a connection of ours to that server gets 60 s more."""
+        import struct
+
+        from ipvs2nft.nft import readback
+        from ipvs2nft.nft.nfnetlink import Batch
+
+        persistent = [s for s in self.table.services if s.persistent]
+        if not persistent:
+            return
+        soon = [t for t in readback.read_templates(self.nfnl) if t.expires_ms < 2000 * TEMPLATE_EVERY]
+        if not soon:
+            return
+        by_rid = {d.rid: (svc, d) for svc in persistent for d in svc.dests}
+        controlled = self._controlled(persistent)
+        batch = Batch("inet", "ipvs2nft")
+        for t in soon:
+            found = by_rid.get(t.rid)
+            if found is None or (found[0].key, found[1].key, t.client) not in controlled:
+                continue
+            name = "persist6" if t.client.version == 6 else "persist4"
+            key = t.client.packed + struct.pack("=I", t.rid)
+            batch.delete(name, key)
+            batch.add(name, key, timeout=TEMPLATE_REARM * 1000)
+        if len(batch):
+            try:
+                self.nfnl.commit(batch)
+            except OSError:
+                pass  # the template expired meanwhile: the next connection makes a new one
+
+    def _controlled(self, services) -> set:
+        """(service, real server, client network) of every connection of ours."""
+        import ipaddress
+        import socket as socketlib
+
+        wanted = {s.key: s for s in services}
+        out = set()
+        for conn in self.live.conns.values():
+            svc = wanted.get(conn.svc)
+            if svc is None or conn.orig is None:
+                continue
+            packed = conn.orig.src
+            if len(packed) == 4:
+                net = ipaddress.IPv4Address(int.from_bytes(packed, "big") & svc.netmask)
+            else:
+                net = ipaddress.IPv6Network((socketlib.inet_ntop(socketlib.AF_INET6, packed), svc.netmask),
+                                            strict=False).network_address
+            out.add((svc.key, conn.dest, net))
+        return out
 
     def resync_and_publish(self) -> None:
         self.resync()
