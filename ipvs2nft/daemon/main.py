@@ -12,6 +12,7 @@ why counts always come from a dump first.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import os
 import signal
@@ -33,6 +34,11 @@ TEMPLATE_REARM = 60  # seconds: ip_vs_conn_expire re-arms a template that still 
 DRIFT_EVERY = 5.0  # seconds between checks that our table is still there (the monitor's safety net)
 OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
 RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
+COALESCE = 0.002  # seconds the events of a burst are gathered before the choices are published
+
+
+# conntrack's closing TCP states: FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE
+CLOSING = frozenset({4, 5, 6, 7, 8})
 
 
 class DaemonError(Exception):
@@ -80,10 +86,16 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.sock = self.events = self.ct = self.nfnl = self.monitor = None
         self._verifying = False
+        self._flush_timer = None
+        self.batch_started: float | None = None
         self.publisher: Publisher | None = None
         self.table_handle = None
         self._expiry_timer = None
-        self.counters = {"events": 0, "lost": 0, "resyncs": 0, "pushes": 0, "elements": 0, "stale": 0}
+        self.counters = {"events": 0, "lost": 0, "resyncs": 0, "pushes": 0, "elements": 0, "stale": 0,
+                         "drift": 0}
+        # seconds from reading a batch of conntrack events to the data plane
+        # holding the choices they lead to (the last 100,000 batches)
+        self.lags: collections.deque = collections.deque(maxlen=100_000)
 
     # ------------------------------------------------------------ start-up
     def claim(self) -> None:
@@ -101,12 +113,12 @@ class Daemon:
     def open_kernel(self) -> None:
         """conntrack's events (subscribed before the first dump) and dumps,
         and nfnetlink.  A kernel without ctnetlink is a clear error."""
-        from ipvs2nft.conntrack import Conntrack, ConntrackUnavailable, Events
+        from ipvs2nft.conntrack import Conntrack, ConntrackUnavailable, Events, counting_filter_program
         from ipvs2nft.nft.build import CT_MARK_OURS
         from ipvs2nft.nft.nfnetlink import Nfnetlink
 
         try:
-            self.events = Events(mark=CT_MARK_OURS, mask=CT_MARK_OURS)
+            self.events = Events(mark=CT_MARK_OURS, mask=CT_MARK_OURS, program=counting_filter_program)
             self.ct = Conntrack()
             self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
         except (ConntrackUnavailable, OSError) as exc:
@@ -273,6 +285,8 @@ class Daemon:
             _log(f"repair: {type(exc).__name__}: {exc}")
         finally:
             self._verifying = False
+        self._flush_timer = None
+        self.batch_started: float | None = None
         self.reload()
 
     def check_drift(self) -> None:
@@ -309,6 +323,7 @@ class Daemon:
     def on_events(self) -> None:
         from ipvs2nft.conntrack import Event, EventsLost
 
+        started = time.monotonic()
         try:
             events = self.events.read()
             lost = False
@@ -324,7 +339,16 @@ class Daemon:
         if lost:
             self.counters["lost"] += 1
             self.resync()
+        self.batch_started = min(self.batch_started or started, started)
+        if self._flush_timer is None:  # a burst of readable events shares one publication
+            self._flush_timer = asyncio.get_event_loop().call_later(COALESCE, self.flush_batch)
+
+    def flush_batch(self) -> None:
+        self._flush_timer = None
         self.flush()
+        if self.batch_started is not None:
+            self.lags.append(time.monotonic() - self.batch_started)
+            self.batch_started = None
         self.schedule_expiry()
 
     def resync(self) -> None:
@@ -334,6 +358,7 @@ class Daemon:
         flows = self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
         self.dirty |= self.live.resync(flows, time.monotonic())
         self.counters["resyncs"] += 1
+        self.counters["drift"] = self.counters.get("drift", 0) + self.live.drift
         self.poll_direct(always=True)
 
     def poll_direct(self, always: bool = False) -> None:
@@ -427,7 +452,14 @@ class Daemon:
         self._expiry_timer = None
         now = time.monotonic()
         for cid, conn in self.live.due(now):
-            flow = self.ct.get(conn.orig) if conn.orig is not None else None
+            # A closing TCP connection is not refreshed by its traffic: it is
+            # gone at its timeout (its DESTROY event comes late, ignored then).
+            # Others may have been kept alive by packets conntrack does not
+            # report: ask.
+            if conn.state in CLOSING or conn.orig is None:
+                flow = None
+            else:
+                flow = self.ct.get(conn.orig)
             if flow is None or flow.id != cid:
                 key = self.live.gone(cid)
             else:
@@ -519,8 +551,27 @@ class Daemon:
             return {"ok": True}
         if op == "status":
             return {"ok": True, "services": sum(1 for _ in self.table.services),
-                    "connections": len(self.live.conns), **self.counters}
+                    "connections": len(self.live.conns), **self.counters, "lag": _percentiles(self.lags),
+                    "cpu": _cpu_seconds()}
+        if op == "resync":  # a dump now; how far the counts were off
+            self.resync()
+            self.flush()
+            return {"ok": True, "drift": self.live.drift}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def _percentiles(samples) -> dict:
+    """p50/p99/max of lag samples, in milliseconds."""
+    if not samples:
+        return {"batches": 0}
+    ordered = sorted(samples)
+    at = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)  # noqa: E731
+    return {"batches": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)}
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _verify_and_repair() -> None:
