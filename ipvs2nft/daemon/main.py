@@ -209,8 +209,10 @@ class Daemon:
 
         if repair:
             try:
+                from ipvs2nft import host
                 from ipvs2nft.cli.ipvsadm import _session
 
+                host.forget()  # the host's addresses decide which real servers are local
                 _session().check()
             except IpvsadmError as exc:
                 _log(f"cannot repair the ruleset: {exc.message}")
@@ -315,7 +317,7 @@ class Daemon:
         from ipvs2nft import host
         from ipvs2nft.cli.ipvsadm import _session
 
-        host.local_broadcasts.cache_clear()
+        host.forget()
         _session().mutate(keys, change)
         self.reload()
 
@@ -575,7 +577,10 @@ def _cpu_seconds() -> float:
 
 
 def _verify_and_repair() -> None:
+    from ipvs2nft import host
     from ipvs2nft.cli.ipvsadm import _session
+
+    host.forget()
 
     session = _session()
     with session.store.locked():
