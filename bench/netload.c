@@ -3,9 +3,10 @@
  *
  *   netload serve PORT NAME
  *       answer every TCP connection on PORT with "NAME\n" and close; prints "ready" once listening.
- *   netload load SECONDS CONCURRENCY SRC[,SRC...] DST:PORT[,DST:PORT...]
+ *   netload load SECONDS CONCURRENCY SRC[,SRC...] DST:PORT[,DST:PORT...] [RATE]
  *       open short TCP connections for SECONDS, CONCURRENCY in flight, each from the next source
- *       address and to the next destination (round robin); print one JSON line:
+ *       address and to the next destination (round robin), at most RATE new ones per second when
+ *       RATE is given (a paced load, for latencies at a known rate); print one JSON line:
  *       {"conns": N, "errors": E, "wall": s, "cpu": s, "replies": {"NAME": n, ...}}
  *
  * Why C: a Python generator spends more CPU per connection than the director does, which dilutes
@@ -158,8 +159,14 @@ static void finish_conn(struct load *l, int slot, unsigned events) {
     l->fd[slot] = -1;
 }
 
-static int load(double secs, int conc, char *srcs, char *dsts) {
+/* May another connection start at time t?  Paced: not ahead of RATE per second. */
+static int may_start(struct load *l, double rate, double t0, double t) {
+    return rate <= 0 || (double)l->next < rate * (t - t0);
+}
+
+static int load(double secs, int conc, char *srcs, char *dsts, double rate) {
     static struct load l;
+    int idle[MAX_CONC], nidle = 0;
     l.nsrc = parse_addrs(srcs, l.src, 0);
     l.ndst = parse_addrs(dsts, l.dst, 1);
     l.ep = epoll_create1(EPOLL_CLOEXEC);
@@ -168,25 +175,33 @@ static int load(double secs, int conc, char *srcs, char *dsts) {
     double t0 = now(), cpu0 = cpu_seconds(), deadline = t0 + secs, last_scan = t0;
     int open = 0;
     for (int i = 0; i < conc; i++) {
+        if (!may_start(&l, rate, t0, now())) {
+            idle[nidle++] = i;
+            l.fd[i] = -1;
+            continue;
+        }
         open_conn(&l, i);
         open += l.fd[i] >= 0;
     }
     struct epoll_event evs[MAX_CONC];
-    while (open > 0) {
+    while (open > 0 || (nidle > 0 && now() < deadline)) {
         double t = now();
         if (t > deadline + DRAIN_TIMEOUT)
             break;
-        int n = epoll_wait(l.ep, evs, conc, 100);
+        int n = epoll_wait(l.ep, evs, conc, rate > 0 ? 1 : 100);
         for (int i = 0; i < n; i++) {
             int slot = evs[i].data.u32;
             finish_conn(&l, slot, evs[i].events);
             if (l.fd[slot] >= 0)
                 continue;
             open--;
-            if (now() < deadline) {
-                open_conn(&l, slot);
-                open += l.fd[slot] >= 0;
-            }
+            idle[nidle++] = slot;
+        }
+        t = now();
+        while (nidle > 0 && t < deadline && may_start(&l, rate, t0, t)) {
+            int slot = idle[--nidle];
+            open_conn(&l, slot);
+            open += l.fd[slot] >= 0;  /* a slot whose connect failed outright is not reused */
         }
         t = now();
         if (t - last_scan > 0.5) { /* connections nobody answered: count and replace them */
@@ -197,10 +212,7 @@ static int load(double secs, int conc, char *srcs, char *dsts) {
                     l.fd[s] = -1;
                     l.errors++;
                     open--;
-                    if (t < deadline) {
-                        open_conn(&l, s);
-                        open += l.fd[s] >= 0;
-                    }
+                    idle[nidle++] = s;
                 }
         }
     }
@@ -221,8 +233,8 @@ static int load(double secs, int conc, char *srcs, char *dsts) {
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "serve"))
         return serve(atoi(argv[2]), argv[3]);
-    if (argc == 6 && !strcmp(argv[1], "load"))
-        return load(atof(argv[2]), atoi(argv[3]), argv[4], argv[5]);
-    fprintf(stderr, "usage: netload serve PORT NAME | netload load SECONDS CONCURRENCY SRCS DSTS\n");
+    if ((argc == 6 || argc == 7) && !strcmp(argv[1], "load"))
+        return load(atof(argv[2]), atoi(argv[3]), argv[4], argv[5], argc == 7 ? atof(argv[6]) : 0);
+    fprintf(stderr, "usage: netload serve PORT NAME | netload load SECONDS CONCURRENCY SRCS DSTS [RATE]\n");
     return 2;
 }

@@ -19,12 +19,13 @@ a minute late; IPVS unbinds at the timer).  Pure bookkeeping: no I/O here.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import socket
 from dataclasses import dataclass
 
 from ipvs2nft import dynsched
 from ipvs2nft.model import Service, ServiceKey, Table
-from ipvs2nft.netaddr import IPPROTO_SCTP, IPPROTO_TCP, address
+from ipvs2nft.netaddr import IPPROTO_SCTP, IPPROTO_TCP
 from ipvs2nft.nft.build import sid_of_mark
 
 # conntrack's TCP states that IPVS counts as active (daemon.md §1.1):
@@ -66,6 +67,9 @@ class LiveTable:
         self._by_key: dict[ServiceKey, Service] = {}
         self._expiry: list[tuple[float, int]] = []  # (deadline, ct id), lazily pruned
         self.created: dict[ServiceKey, int] = {}  # new connections seen, per service, since taken
+        self.drift = 0  # how far the counts were off when the last dump came (lost or late events)
+        self._addresses: dict = {}
+        self._info: dict = {}
         self.set_table(table or Table())
 
     # ------------------------------------------------------------ the model
@@ -75,6 +79,9 @@ class LiveTable:
         old = self._by_sid
         self._by_sid = {s.sid: s for s in table.services if s.sid}
         self._by_key = {s.key: s for s in self._by_sid.values()}
+        # per sid: (service, its key, VIP packed or None for fwmark, port, Dest.key -> Dest)
+        self._info = {sid: (svc, svc.key, None if svc.fwmark else svc.addr.packed, svc.port,
+                            {d.key: d for d in svc.dests}) for sid, svc in self._by_sid.items()}
         changed: set[ServiceKey] = set()
         for sid, svc in self._by_sid.items():
             before = old.get(sid)
@@ -128,49 +135,85 @@ class LiveTable:
         """Our service of a conntrack flow, or None if it is not ours (or its
         service is gone, or its sid now names another service)."""
         sid = sid_of_mark(flow.mark)
-        svc = self._by_sid.get(sid) if sid else None
-        if svc is None:
+        info = self._info.get(sid) if sid else None
+        if info is None:
             return None
-        if not svc.fwmark:  # a recycled sid must not inherit another VIP's flows
-            vip = address(socket.inet_ntop(socket.AF_INET6 if len(flow.orig.dst) == 16 else socket.AF_INET,
-                                           flow.orig.dst))
-            if vip != svc.addr or (svc.port and flow.orig.dport != svc.port):
-                return None
+        svc, vip, port = info[0], info[2], info[3]
+        # a recycled sid must not inherit another VIP's flows
+        if vip is not None and (flow.orig.dst != vip or (port and flow.orig.dport != port)):
+            return None
         return svc
 
     # ------------------------------------------------------------ connections
     def seen(self, flow, now: float) -> ServiceKey | None:
         """A NEW or UPDATE event, or a flow of a dump.  Returns the service
-        whose counts changed, if any."""
+        whose counts changed, if any.  The hot path: a connection already
+        known only moves between active and inactive (and gets a new
+        deadline); a new one is resolved to its service and real server."""
+        conn = self.conns.get(flow.id)
+        if conn is not None:
+            state = flow.tcp_state if flow.tcp_state is not None else conn.state
+            active = is_active(flow.orig.proto, state)
+            if active != conn.active:
+                loads = self.state.loads.get(conn.svc)
+                if loads is not None:
+                    load = loads.get(conn.dest)
+                    if load is None:
+                        load = loads[conn.dest] = dynsched.Load()
+                    dynsched.set_activity(load, conn.active, active)
+                conn.active = active
+            conn.state = state
+            if flow.timeout is not None:
+                conn.deadline = now + flow.timeout
+                heapq.heappush(self._expiry, (conn.deadline, flow.id))
+            return conn.svc
         svc = self.service_of(flow)
         if svc is None or flow.reply is None:
             return None
-        conn = self.conns.get(flow.id)
-        state = flow.tcp_state if flow.tcp_state is not None else (conn.state if conn else None)
-        active = is_active(flow.proto, state)
-        deadline = now + flow.timeout if flow.timeout is not None else (conn.deadline if conn else now + 300)
-        loads = self.state.loads.setdefault(svc.key, {})
-        if conn is None:
-            key = _resolve(svc, _reply_key(flow))
-            daddr = address(socket.inet_ntop(socket.AF_INET6 if len(flow.orig.dst) == 16 else socket.AF_INET,
-                                             flow.orig.dst))
-            conn = Conn(svc.key, key, active, daddr, deadline, state, flow.orig)
-            self.conns[flow.id] = conn
-            self.created[svc.key] = self.created.get(svc.key, 0) + 1
-            dest = svc.find_dest(key)
-            load = loads.setdefault(key, dynsched.Load())
-            if dest is not None:
-                dynsched.bind(dest, load, active)
-            else:
-                load.active += active
-                load.inactive += not active
-            self._learn_locality(svc, conn)
+        info = self._info[svc.sid]
+        key, by_dest = info[1], info[4]
+        state = flow.tcp_state
+        active = is_active(flow.orig.proto, state)
+        deadline = now + flow.timeout if flow.timeout is not None else now + 300
+        loads = self.state.loads.setdefault(key, {})
+        dest_key = self._resolve(by_dest, flow.reply.src, flow.reply.sport)
+        conn = Conn(key, dest_key, active, self._address(flow.orig.dst), deadline, state, flow.orig)
+        self.conns[flow.id] = conn
+        self.created[key] = self.created.get(key, 0) + 1
+        dest = by_dest.get(dest_key)
+        load = loads.get(dest_key)
+        if load is None:
+            load = loads[dest_key] = dynsched.Load()
+        if dest is not None:
+            dynsched.bind(dest, load, active)
+        elif active:
+            load.active += 1
         else:
-            load = loads.setdefault(conn.dest, dynsched.Load())
-            dynsched.set_activity(load, conn.active, active)
-            conn.active, conn.state, conn.deadline = active, state, deadline
+            load.inactive += 1
+        if svc.scheduler in dynsched.LOCALITY:
+            self._learn_locality(svc, conn)
         heapq.heappush(self._expiry, (deadline, flow.id))
-        return svc.key
+        return key
+
+    def _address(self, packed: bytes):
+        """ipaddress object of a packed address, kept (flows repeat them)."""
+        got = self._addresses.get(packed)
+        if got is None:
+            if len(self._addresses) > 100_000:
+                self._addresses.clear()
+            got = self._addresses[packed] = ipaddress.ip_address(packed)
+        return got
+
+    def _resolve(self, by_dest: dict, packed: bytes, port: int) -> tuple:
+        """The Dest.key a reply source names: (af, addr, port), or the
+        address alone for a server without a port (it keeps the packet's)."""
+        addr = self._address(packed)
+        af = socket.AF_INET6 if len(packed) == 16 else socket.AF_INET
+        key = (af, addr, port)
+        if key in by_dest:
+            return key
+        port0 = (af, addr, 0)
+        return port0 if port0 in by_dest else key
 
     def gone(self, flow_id: int) -> ServiceKey | None:
         """A DESTROY event, or a flow a dump or a lookup no longer has."""
@@ -231,10 +274,15 @@ class LiveTable:
             if key is not None:
                 changed.add(key)
         self._recount(changed)
+        self.drift = 0
         for key, loads in self.state.loads.items():
             now_counts = {d: (ld.active, ld.inactive) for d, ld in loads.items()}
-            if now_counts != before.get(key, {}):
+            old = before.get(key, {})
+            if now_counts != old:
                 changed.add(key)
+                for d in set(now_counts) | set(old):
+                    a, b = now_counts.get(d, (0, 0)), old.get(d, (0, 0))
+                    self.drift += abs(a[0] - b[0]) + abs(a[1] - b[1])
         return changed
 
     def _recount(self, services: set[ServiceKey]) -> None:
@@ -306,12 +354,6 @@ class LiveTable:
     def counts(self, key: ServiceKey) -> dict:
         """The loads of one service (Dest.key -> Load)."""
         return self.state.loads.get(key, {})
-
-
-def _reply_key(flow) -> tuple:
-    """(af, address, port) of the real server: the reply tuple's source."""
-    af = socket.AF_INET6 if len(flow.reply.src) == 16 else socket.AF_INET
-    return (af, address(socket.inet_ntop(af, flow.reply.src)), flow.reply.sport)
 
 
 def _resolve(svc: Service, key: tuple) -> tuple:

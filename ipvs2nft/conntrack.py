@@ -499,6 +499,57 @@ def mark_filter_program(mark: int, mask: int) -> list[tuple[int, int, int, int]]
     ]
 
 
+_SKF_AD_NLATTR_NEST = -0x1000 + 16  # SKF_AD_OFF + SKF_AD_NLATTR_NEST
+CTA_PROTOINFO_TCP_ACTIVE = (TcpState.SYN_RECV, TcpState.ESTABLISHED)
+
+
+def counting_filter_program(mark: int, mask: int) -> list[tuple[int, int, int, int]]:
+    """What the daemon needs to count IPVS's connections, and no more:
+    ``mark_filter_program``'s test, and of the UPDATE events only those that
+    are not a TCP connection moving between two active states (SYN_SENT,
+    its NEW event, to SYN_RECV to ESTABLISHED: IPVS counts it active all
+    along).  Two of a short connection's five or six events never reach
+    Python; NEW, DESTROY and every move to or between closing states do.
+
+    The netlink header's type and flags are host order, which BPF's loads
+    (network order) read byte-swapped; attributes are walked with
+    SKF_AD_NLATTR / SKF_AD_NLATTR_NEST (net/core/filter.c)."""
+    mark &= mask
+    attrs_at = netlink.HEADER_LEN + netlink.NFGEN_LEN
+    swap16 = lambda v: int.from_bytes(struct.pack("=H", v), "big")  # noqa: E731
+    delete = swap16((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE)
+    create = swap16(netlink.NLM_F_CREATE)
+    nlattr, nest = _SKF_AD_NLATTR & 0xFFFFFFFF, _SKF_AD_NLATTR_NEST & 0xFFFFFFFF
+    ld_imm, ldx_imm, ld_abs_w, ld_abs_h, ld_ind_w, ld_ind_b = 0x00, 0x01, 0x20, 0x28, 0x40, 0x50
+    jeq_k, jset_k, and_k, tax, ret_k = 0x15, 0x45, 0x54, 0x07, 0x06
+    code: list = [
+        (ld_imm, 0, 0, attrs_at), (ldx_imm, 0, 0, CTA_MARK), (ld_abs_w, 0, 0, nlattr),
+        (jeq_k, "drop", 0, 0),                 # no CTA_MARK: mark 0, not ours
+        (tax, 0, 0, 0), (ld_ind_w, 0, 0, 4), (and_k, 0, 0, mask),
+        (jeq_k, 0, "drop", mark),
+        (ld_abs_h, 0, 0, 4), (jeq_k, "keep", 0, delete),       # DESTROY
+        (ld_abs_h, 0, 0, 6), (jset_k, "keep", 0, create),      # NEW
+        (ld_imm, 0, 0, attrs_at), (ldx_imm, 0, 0, CTA_PROTOINFO), (ld_abs_w, 0, 0, nlattr),
+        (jeq_k, "keep", 0, 0),
+        (ldx_imm, 0, 0, CTA_PROTOINFO_TCP), (ld_abs_w, 0, 0, nest), (jeq_k, "keep", 0, 0),
+        (ldx_imm, 0, 0, CTA_PROTOINFO_TCP_STATE), (ld_abs_w, 0, 0, nest), (jeq_k, "keep", 0, 0),
+        (tax, 0, 0, 0), (ld_ind_b, 0, 0, 4),
+        *[(jeq_k, "drop", 0, int(state)) for state in CTA_PROTOINFO_TCP_ACTIVE],
+        ("keep",), ("drop",),
+    ]
+    where = {ins[0]: i for i, ins in enumerate(code) if isinstance(ins[0], str)}
+    out = []
+    for i, ins in enumerate(code):
+        if isinstance(ins[0], str):
+            out.append((ret_k, 0, 0, 0xFFFFFFFF if ins[0] == "keep" else 0))
+            continue
+        op, jt, jf, k = ins
+        jt = where[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = where[jf] - i - 1 if isinstance(jf, str) else jf
+        out.append((op, jt, jf, k))
+    return out
+
+
 class Events(SocketOwner):
     """A ctnetlink event subscription, for a selectors/asyncio loop.
 
@@ -518,12 +569,12 @@ class Events(SocketOwner):
 
     def __init__(self, kinds: Iterable[Event] = (Event.NEW, Event.UPDATE, Event.DESTROY),
                  rcvbuf: int = netlink.DEFAULT_EVENT_RCVBUF, mark: int | None = None,
-                 mask: int = 0xFFFFFFFF) -> None:
+                 mask: int = 0xFFFFFFFF, program=None) -> None:
         self._nl = _open([int(k) for k in kinds], rcvbuf)
         self._nl.setblocking(False)
         if mark is not None:
             try:
-                self._nl.attach_filter(mark_filter_program(mark, mask))
+                self._nl.attach_filter((program or mark_filter_program)(mark, mask))
             except BaseException:
                 self._nl.close()
                 raise

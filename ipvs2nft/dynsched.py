@@ -321,6 +321,8 @@ def predict(svc: Service, loads: Loads, count: int, daddr=None, table: Locality 
     the overload flag when it reaches -x).  Inputs are not changed.  With
     ``states``, rr/wrr's state before each choice and after the last is
     appended to it."""
+    if states is None and svc.scheduler in _FAST:
+        return _predict_fast(svc, loads, count)
     loads = {k: v.copy() for k, v in loads.items()}
     table = table.copy() if table is not None else Locality()  # one table for all the steps
     active = new_connection_is_active(svc)
@@ -335,6 +337,96 @@ def predict(svc: Service, loads: Loads, count: int, daddr=None, table: Locality 
     if states is not None:
         states.append(st)
     return out
+
+
+def _predict_fast(svc: Service, loads: Loads, count: int) -> list[Dest | None]:
+    """``predict`` for lc, wlc, sed, nq and ovf over plain lists of numbers:
+    the daemon computes a prediction for every service whose counts
+    change, many times a second, and the general path's objects cost more
+    than the arithmetic.  The same comparisons, in the same order, as the
+    functions above (test_dynsched checks the two agree)."""
+    dests = svc.dests
+    n = len(dests)
+    weight = [d.weight for d in dests]
+    active, total, over = [0] * n, [0] * n, [False] * n
+    upper = [d.u_threshold for d in dests]
+    lower = [lower_threshold(d) for d in dests]
+    for i, d in enumerate(dests):
+        load = loads.get(d.key)
+        if load is not None:
+            active[i], total[i], over[i] = load.active, load.total, load.overloaded
+    grows = 1 if new_connection_is_active(svc) else 0
+    pick = _FAST[svc.scheduler]
+    out: list[Dest | None] = []
+    for _ in range(count):
+        i = pick(n, weight, active, total, over)
+        if i < 0:
+            out.append(None)
+            continue
+        out.append(dests[i])
+        active[i] += grows
+        total[i] += 1
+        if total[i] == upper[i] and upper[i]:  # bind() at -x: mode +1
+            over[i] = over[i] or total[i] >= lower[i]
+    return out
+
+
+def _fast_weighted(overhead):
+    def pick(n, weight, active, total, over) -> int:
+        least = -1
+        for i in range(n):
+            if not over[i] and weight[i] > 0:
+                least = i
+                break
+        if least < 0:
+            return -1
+        loh = overhead(active[least], total[least])
+        for i in range(least + 1, n):
+            if over[i]:
+                continue
+            doh = overhead(active[i], total[i])
+            if loh * weight[i] > doh * weight[least]:
+                least, loh = i, doh
+        return least
+    return pick
+
+
+def _fast_lc(n, weight, active, total, over) -> int:
+    least, loh = -1, 0
+    for i in range(n):
+        if over[i] or weight[i] == 0:
+            continue
+        doh = (active[i] << 8) + total[i]
+        if least < 0 or doh < loh:
+            least, loh = i, doh
+    return least
+
+
+def _fast_nq(n, weight, active, total, over) -> int:
+    least, loh = -1, 0
+    for i in range(n):
+        if over[i] or weight[i] == 0:
+            continue
+        doh = active[i] + 1
+        if active[i] == 0:
+            return i
+        if least < 0 or loh * weight[i] > doh * weight[least]:
+            least, loh = i, doh
+    return least
+
+
+def _fast_ovf(n, weight, active, total, over) -> int:
+    best = -1
+    for i in range(n):
+        if over[i] or active[i] > weight[i] or weight[i] == 0:
+            continue
+        if best < 0 or weight[i] > weight[best]:
+            best = i
+    return best
+
+
+_FAST = {"lc": _fast_lc, "wlc": _fast_weighted(lambda a, t: (a << 8) + t),
+         "sed": _fast_weighted(lambda a, t: a + 1), "nq": _fast_nq, "ovf": _fast_ovf}
 
 
 def managed(svc: Service) -> bool:

@@ -260,6 +260,24 @@ def test_connection_list_and_persistence_templates(lab):
     assert re.search(rf"{held[0].backend}:{HOLD}\s+1\s+1\s+2\s+0", pc), pc
 
 
+def test_a_template_lives_while_it_controls_connections(lab):
+    """rr -p 2: a client with a connection still open keeps its server
+    after the persistence timeout, as IPVS re-arms the template (60 s at a
+    time) while it controls connections; rr alone would move it on."""
+    lab.ipvsadm(f"-A -t {V} -s rr -p 2")
+    for i in range(2):
+        lab.ipvsadm(f"-a -t {V} -r {rs4(i)}:{HOLD} -m")
+    daemon = lab.daemon()
+    try:
+        first = lab.session(VIP4, HOLD)
+        time.sleep(4)  # twice the persistence timeout
+        pc = lab.ipvsadm("-L -n --persistent-conn").stdout
+        assert re.search(rf"{first.backend}:{HOLD}\s+1\s+1\s+1\s+0", pc), pc
+        assert lab.session(VIP4, HOLD).backend == first.backend
+    finally:
+        daemon.stop()
+
+
 # ---------------------------------------------------------------- failures
 
 def test_kill_9_keeps_forwarding_and_a_restart_counts_from_a_dump(lab):
@@ -299,6 +317,30 @@ def test_foreign_flush_is_repaired_with_the_live_choices(lab):
         assert open_sessions(lab, 1)[0].backend == _next(svc, loads)
     finally:
         daemon.stop()
+
+
+def test_hand_edit_inside_our_table_is_repaired(lab):
+    """A rule added by hand inside our table (here one that drops every
+    new connection) is noticed through nftables' notifications and the
+    table rebuilt from the store; a foreign table loaded next to it is left
+    alone."""
+    lab.ipvsadm(f"-A -t {VIP4}:80 -s rr")
+    lab.ipvsadm(f"-a -t {VIP4}:80 -r {rs4(0)}:80 -m")
+    daemon = lab.daemon()
+    try:
+        lab.ns(lab.director, "nft", "add table inet foreign; add chain inet foreign c; "
+                             "add rule inet foreign c counter")
+        lab.ns(lab.director, "nft", "insert rule inet ipvs2nft dispatch drop")
+        deadline = time.monotonic() + 5
+        dispatch = ("list", "chain", "inet", "ipvs2nft", "dispatch")
+        while time.monotonic() < deadline and "drop" in lab.nft(*dispatch):
+            time.sleep(0.1)
+        assert "drop" not in lab.nft(*dispatch)
+        assert lab.backends(VIP4, 80, 2) == [rs4(0)] * 2
+        assert "counter" in lab.nft("list", "table", "inet", "foreign")
+    finally:
+        daemon.stop()
+        lab.ns(lab.director, "nft", "delete table inet foreign", check=False)
 
 
 def test_garbage_on_the_control_socket(lab):

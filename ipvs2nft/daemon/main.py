@@ -17,6 +17,7 @@ table changes go through ``Daemon.mutate``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import os
 import signal
@@ -33,8 +34,16 @@ from ipvs2nft.model import Table
 
 FOLLOW_EVERY = 0.2  # seconds between looks at the state file
 DIRECT_EVERY = 0.25  # seconds between reads of direct-routed flows (no events for them)
-DRIFT_EVERY = 1.0  # seconds between checks that our table is still there
+TEMPLATE_EVERY = 1.0  # seconds between looks at persistence templates about to expire
+TEMPLATE_REARM = 60  # seconds: ip_vs_conn_expire re-arms a template that still controls connections
+DRIFT_EVERY = 5.0  # seconds between checks that our table is still there (the monitor's safety net)
+OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
 RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
+COALESCE = 0.002  # seconds the events of a burst are gathered before the choices are published
+
+
+# conntrack's closing TCP states: FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE
+CLOSING = frozenset({4, 5, 6, 7, 8})
 
 
 class DaemonError(Exception):
@@ -80,11 +89,18 @@ class Daemon:
         self.estimator = Estimator()
         self.dirty: set = set()
         self.stopping = asyncio.Event()
-        self.sock = self.events = self.ct = self.nfnl = None
+        self.sock = self.events = self.ct = self.nfnl = self.monitor = None
+        self._verifying = False
+        self._flush_timer = None
+        self.batch_started: float | None = None
         self.publisher: Publisher | None = None
         self.table_handle = None
         self._expiry_timer = None
-        self.counters = {"events": 0, "lost": 0, "resyncs": 0, "pushes": 0, "elements": 0, "stale": 0}
+        self.counters = {"events": 0, "lost": 0, "resyncs": 0, "pushes": 0, "elements": 0, "stale": 0,
+                         "drift": 0}
+        # seconds from reading a batch of conntrack events to the data plane
+        # holding the choices they lead to (the last 100,000 batches)
+        self.lags: collections.deque = collections.deque(maxlen=100_000)
 
     # ------------------------------------------------------------ start-up
     def claim(self) -> None:
@@ -102,18 +118,21 @@ class Daemon:
     def open_kernel(self) -> None:
         """conntrack's events (subscribed before the first dump) and dumps,
         and nfnetlink.  A kernel without ctnetlink is a clear error."""
-        from ipvs2nft.conntrack import Conntrack, ConntrackUnavailable, Events
+        from ipvs2nft.conntrack import Conntrack, ConntrackUnavailable, Events, counting_filter_program
         from ipvs2nft.nft.build import CT_MARK_OURS
         from ipvs2nft.nft.nfnetlink import Nfnetlink
 
         try:
-            self.events = Events(mark=CT_MARK_OURS, mask=CT_MARK_OURS)
+            self.events = Events(mark=CT_MARK_OURS, mask=CT_MARK_OURS, program=counting_filter_program)
             self.ct = Conntrack()
             self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
         except (ConntrackUnavailable, OSError) as exc:
             raise DaemonError(f"connection tracking is not available ({exc}): the daemon needs "
                               "nf_conntrack and its netlink interface (nf_conntrack_netlink)") from None
+        from ipvs2nft.nft.nfnetlink import Monitor
+
         self.nfnl = Nfnetlink()
+        self.monitor = Monitor()  # before the first repair: no change can slip between
         self.publisher = Publisher(self.nfnl)
 
     async def run(self) -> int:
@@ -132,6 +151,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.events.fileno(), self.on_events)
         loop.add_reader(self.sock.fileno(), self.on_accept)
+        loop.add_reader(self.monitor.fileno(), self.on_nft_events)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(repair=True))
@@ -139,7 +159,8 @@ class Daemon:
                  asyncio.create_task(self._every(FOLLOW_EVERY, self.follow)),
                  asyncio.create_task(self._every(DRIFT_EVERY, self.check_drift)),
                  asyncio.create_task(self._every(self.resync_every, self.resync_and_publish)),
-                 asyncio.create_task(self._every(DIRECT_EVERY, self.poll_direct))]
+                 asyncio.create_task(self._every(DIRECT_EVERY, self.poll_direct)),
+                 asyncio.create_task(self._every(TEMPLATE_EVERY, self.keep_templates))]
         self.schedule_expiry()
         count = sum(1 for _ in self.table.services)
         notify(f"READY=1\nSTATUS=following {count} services\nMAINPID={os.getpid()}")
@@ -154,11 +175,12 @@ class Daemon:
             task.cancel()
         loop.remove_reader(self.events.fileno())
         loop.remove_reader(self.sock.fileno())
+        loop.remove_reader(self.monitor.fileno())
         self.close()
         return 0
 
     def close(self) -> None:
-        for thing in (self.sock, self.events, self.ct, self.nfnl):
+        for thing in (self.sock, self.events, self.ct, self.nfnl, self.monitor):
             if thing is not None:
                 try:
                     thing.close()
@@ -192,8 +214,10 @@ class Daemon:
 
         if repair:
             try:
+                from ipvs2nft import host
                 from ipvs2nft.cli.ipvsadm import _session
 
+                host.forget()  # the host's addresses decide which real servers are local
                 _session().check()
             except IpvsadmError as exc:
                 _log(f"cannot repair the ruleset: {exc.message}")
@@ -225,6 +249,53 @@ class Daemon:
         except OSError:
             return None
 
+    def on_nft_events(self) -> None:
+        """nftables changes by anyone: our own are ignored, an ipvsadm
+        commit (it always swaps the generation element) is followed at once,
+        and anything else that touches our tables -- a flush, a deleted
+        table, a rule added by hand -- is repaired from the store, within a
+        moment and without polling the ruleset."""
+        from ipvs2nft.netlink import EventsLost
+        from ipvs2nft.nft.nfnetlink import NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM
+
+        gen_writes = (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM)  # a flush deletes the set, not its element
+        try:
+            done = self.monitor.transactions()
+        except EventsLost as exc:  # some notifications were lost: look for ourselves
+            done, lost = exc.events, True
+        else:
+            lost = False
+        foreign = committed = False
+        for t in done:
+            if t.pid == os.getpid() or not any(t.touches(f, n) for f, n in OURS):
+                continue
+            if any(e.kind in gen_writes and e.table == "ipvs2nft" and e.name == "gen" for e in t.events):
+                committed = True  # ipvsadm (or another ipvs2nft) moved the generation
+            else:
+                foreign = True
+        if committed:
+            self.follow()
+        if foreign or lost:
+            self.counters["foreign"] = self.counters.get("foreign", 0) + 1
+            asyncio.get_event_loop().create_task(self.verify_and_repair())
+
+    async def verify_and_repair(self) -> None:
+        """Compare our tables with the store's (a scratch namespace: slow at
+        10,000 services, so off the loop) and rebuild them if they differ,
+        as ipvsadm's drift check does; then publish the live choices again."""
+        if self._verifying:
+            return
+        self._verifying = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _verify_and_repair)
+        except Exception as exc:  # noqa: BLE001 - the next change or check tries again
+            _log(f"repair: {type(exc).__name__}: {exc}")
+        finally:
+            self._verifying = False
+        self._flush_timer = None
+        self.batch_started: float | None = None
+        self.reload()
+
     def check_drift(self) -> None:
         """Our table flushed or deleted by someone else (``nft flush
         ruleset``, an nftables reload): rebuild it from the store and
@@ -251,7 +322,7 @@ class Daemon:
         from ipvs2nft import host
         from ipvs2nft.cli.ipvsadm import _session
 
-        host.forget()  # the routing table as it is now (host.py caches it)
+        host.forget()
         _session().mutate(keys, change)
         self.reload()
 
@@ -259,6 +330,7 @@ class Daemon:
     def on_events(self) -> None:
         from ipvs2nft.conntrack import Event, EventsLost
 
+        started = time.monotonic()
         try:
             events = self.events.read()
             lost = False
@@ -274,7 +346,16 @@ class Daemon:
         if lost:
             self.counters["lost"] += 1
             self.resync()
+        self.batch_started = min(self.batch_started or started, started)
+        if self._flush_timer is None:  # a burst of readable events shares one publication
+            self._flush_timer = asyncio.get_event_loop().call_later(COALESCE, self.flush_batch)
+
+    def flush_batch(self) -> None:
+        self._flush_timer = None
         self.flush()
+        if self.batch_started is not None:
+            self.lags.append(time.monotonic() - self.batch_started)
+            self.batch_started = None
         self.schedule_expiry()
 
     def resync(self) -> None:
@@ -284,6 +365,7 @@ class Daemon:
         flows = self.ct.dump(CT_MARK_OURS, CT_MARK_OURS)
         self.dirty |= self.live.resync(flows, time.monotonic())
         self.counters["resyncs"] += 1
+        self.counters["drift"] = self.counters.get("drift", 0) + self.live.drift
         self.poll_direct(always=True)
 
     def poll_direct(self, always: bool = False) -> None:
@@ -300,6 +382,60 @@ class Daemon:
         flows = readback.read_direct_flows(self.nfnl)
         self.dirty |= self.live.set_direct(readback.direct_counts(self.table, flows))
         self.flush()
+
+    def keep_templates(self) -> None:
+        """IPVS keeps a persistence template alive while connections it sent
+        are still in the connection table (``n_control``), re-arming it for
+        60 s at a time; the data plane refreshes ours only when the client
+        opens a new connection.  So a template about to expire whose client
+        network still has a connection of ours to that server gets 60 s more."""
+        import struct
+
+        from ipvs2nft.nft import readback
+        from ipvs2nft.nft.nfnetlink import Batch
+
+        persistent = [s for s in self.table.services if s.persistent]
+        if not persistent:
+            return
+        soon = [t for t in readback.read_templates(self.nfnl) if t.expires_ms < 2000 * TEMPLATE_EVERY]
+        if not soon:
+            return
+        by_rid = {d.rid: (svc, d) for svc in persistent for d in svc.dests}
+        controlled = self._controlled(persistent)
+        batch = Batch("inet", "ipvs2nft")
+        for t in soon:
+            found = by_rid.get(t.rid)
+            if found is None or (found[0].key, found[1].key, t.client) not in controlled:
+                continue
+            name = "persist6" if t.client.version == 6 else "persist4"
+            key = t.client.packed + struct.pack("=I", t.rid)
+            batch.delete(name, key)
+            batch.add(name, key, timeout=TEMPLATE_REARM * 1000)
+        if len(batch):
+            try:
+                self.nfnl.commit(batch)
+            except OSError:
+                pass  # the template expired meanwhile: the next connection makes a new one
+
+    def _controlled(self, services) -> set:
+        """(service, real server, client network) of every connection of ours."""
+        import ipaddress
+        import socket as socketlib
+
+        wanted = {s.key: s for s in services}
+        out = set()
+        for conn in self.live.conns.values():
+            svc = wanted.get(conn.svc)
+            if svc is None or conn.orig is None:
+                continue
+            packed = conn.orig.src
+            if len(packed) == 4:
+                net = ipaddress.IPv4Address(int.from_bytes(packed, "big") & svc.netmask)
+            else:
+                net = ipaddress.IPv6Network((socketlib.inet_ntop(socketlib.AF_INET6, packed), svc.netmask),
+                                            strict=False).network_address
+            out.add((svc.key, conn.dest, net))
+        return out
 
     def resync_and_publish(self) -> None:
         self.resync()
@@ -323,7 +459,14 @@ class Daemon:
         self._expiry_timer = None
         now = time.monotonic()
         for cid, conn in self.live.due(now):
-            flow = self.ct.get(conn.orig) if conn.orig is not None else None
+            # A closing TCP connection is not refreshed by its traffic: it is
+            # gone at its timeout (its DESTROY event comes late, ignored then).
+            # Others may have been kept alive by packets conntrack does not
+            # report: ask.
+            if conn.state in CLOSING or conn.orig is None:
+                flow = None
+            else:
+                flow = self.ct.get(conn.orig)
             if flow is None or flow.id != cid:
                 key = self.live.gone(cid)
             else:
@@ -415,8 +558,38 @@ class Daemon:
             return {"ok": True}
         if op == "status":
             return {"ok": True, "services": sum(1 for _ in self.table.services),
-                    "connections": len(self.live.conns), **self.counters}
+                    "connections": len(self.live.conns), **self.counters, "lag": _percentiles(self.lags),
+                    "cpu": _cpu_seconds()}
+        if op == "resync":  # a dump now; how far the counts were off
+            self.resync()
+            self.flush()
+            return {"ok": True, "drift": self.live.drift}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def _percentiles(samples) -> dict:
+    """p50/p99/max of lag samples, in milliseconds."""
+    if not samples:
+        return {"batches": 0}
+    ordered = sorted(samples)
+    at = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)  # noqa: E731
+    return {"batches": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)}
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _verify_and_repair() -> None:
+    from ipvs2nft import host
+    from ipvs2nft.cli.ipvsadm import _session
+
+    host.forget()
+
+    session = _session()
+    with session.store.locked():
+        session._repair()  # noqa: SLF001 - the same repair every ipvsadm command runs
 
 
 def _log(text: str) -> None:

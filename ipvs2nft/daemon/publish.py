@@ -147,7 +147,13 @@ class Publisher:
         yet (the counter runs ahead of the events) are counted as the
         connections they are -- on the servers the entries at those
         positions named -- so a burst does not see the same server twice
-        where IPVS would not."""
+        where IPVS would not.
+
+        When every connection since the last write was one this prediction
+        foresaw (counted by their NEW events), the entries ahead already say
+        what IPVS would choose: nothing is read or written."""
+        if self._still_right(svc, live, record):
+            return record.dyn, record.accounted
         count = self.position(svc)
         k = prediction_k = dynsched.prediction_length(svc)
         accounted = record.accounted
@@ -182,6 +188,21 @@ class Publisher:
             batch.delete(where[2], key, family=where[0], table=where[1])
             batch.add(where[2], key, _U32(value), family=where[0], table=where[1])
         return wanted, accounted
+
+    @staticmethod
+    def _still_right(svc: Service, live: dynsched.LiveState, record: Published) -> bool:
+        """Does the map, read from the position the NEW events account for,
+        already hold the choices the counts lead to now?"""
+        if (record.dyn is None or record.accounted is None or svc.persistent or direct.is_direct(svc)
+                or svc.scheduler in dynsched.LOCALITY or sched.is_sequence(svc)):
+            return False
+        k = len(record.dyn)
+        slots = dynsched.slots(svc, live)
+        if len(slots.dyn) != k:
+            return False
+        base, at = build.slot_base(svc), record.accounted % k
+        return all(record.dyn[(at + i) % k] == base + (j if j >= 0 else build.NO_SLOT)
+                   for i, j in enumerate(slots.dyn))
 
     def _lbl(self, batch, svc: Service, live: dynsched.LiveState, record: Published) -> dict:
         """lblc/lblcr: per destination address the table knows, the server

@@ -39,22 +39,33 @@ class KernelCounts:
     outbytes], as monotonic as the kernel keeps them."""
 
     dests: dict = field(default_factory=dict)  # Key -> list[int]
+    _by_sid: dict | None = None  # sid -> [(Dest.key, row)], built on first use
 
     def add(self, key: Key, index: int, value: int) -> None:
         row = self.dests.get(key)
         if row is None:
             row = self.dests[key] = [0, 0, 0, 0, 0]
+            self._by_sid = None
         row[index] += value
+
+    def _rows(self, sid: int) -> list:
+        """The rows of one service: one pass over all of them, once (a
+        listing or the estimator asks for every service of 10,000)."""
+        if self._by_sid is None:
+            index: dict = {}
+            for (s, dkey), row in self.dests.items():
+                index.setdefault(s, []).append((dkey, row))
+            self._by_sid = index
+        return self._by_sid.get(sid, [])
 
     def service(self, sid: int) -> list[int]:
         """A service's counters: the sum over every real server it ever
         sent connections to (IPVS's service stats keep counting what went to
         a server later removed)."""
         total = [0, 0, 0, 0, 0]
-        for (s, _), row in self.dests.items():
-            if s == sid:
-                for i in range(5):
-                    total[i] += row[i]
+        for _, row in self._rows(sid):
+            for i in range(5):
+                total[i] += row[i]
         return total
 
     def dest(self, sid: int, key: tuple) -> list[int]:
@@ -63,8 +74,8 @@ class KernelCounts:
         if key[2]:
             return list(self.dests.get((sid, key), (0, 0, 0, 0, 0)))
         total = [0, 0, 0, 0, 0]
-        for (s, dkey), row in self.dests.items():
-            if s == sid and dkey[:2] == key[:2]:
+        for dkey, row in self._rows(sid):
+            if dkey[:2] == key[:2]:
                 for i in range(5):
                     total[i] += row[i]
         return total
