@@ -117,6 +117,7 @@ def run_engine(lab: Lab, servers: int, seconds: float) -> HealthResult:
         cpu0, t0 = _cpu(), loop.time()
         await asyncio.sleep(seconds)
         cpu, wall = _cpu() - cpu0, loop.time() - t0
+        engine.running = False
         for task in engine.tasks:
             task.cancel()
         await asyncio.gather(*engine.tasks, return_exceptions=True)

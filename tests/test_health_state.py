@@ -180,3 +180,29 @@ def test_load_feedback_uses_idle_share():
     assert image(vs) == {A: 100, B: 50}
     loop.update({a: 0.0, b: 2.0})  # smoothed: 1.5 -> idle 0.25
     assert image(vs) == {A: 100, B: 25}
+
+
+def test_engine_stop_ends_every_checker_and_clears_the_table():
+    """Checkers that probe many times a second all end at stop (they once
+    could not: wait_for swallowed the cancellation), and the virtual servers
+    go, as keepalived's clear_services()."""
+    import asyncio
+
+    from ipvs2nft.health.engine import Engine
+
+    head = "virtual_server 192.168.0.40 80 {\n delay_loop 0.01\n lb_algo rr\n lb_kind NAT\n protocol TCP\n"
+    server = " real_server 192.168.100.{} 80 {{\n  MISC_CHECK {{\n   misc_path /bin/true\n  }}\n }}\n"
+    cfg = loads(head + "".join(server.format(10 + i) for i in range(20)) + "}\n")
+    applied, removed = [], []
+
+    async def main():
+        engine = Engine(cfg, lambda states: applied.append(dict(states[0].image)),
+                        log=lambda text: None, remove=lambda states: removed.append(len(states)))
+        engine.start()
+        await asyncio.sleep(0.5)
+        await asyncio.wait_for(engine.stop(), 10)
+        return engine
+
+    engine = asyncio.run(main())
+    assert all(t.done() for t in engine.tasks) and engine.lateness.probes > 20
+    assert len(applied[0]) == 20 and removed == [1] and engine.states[0].image == {}

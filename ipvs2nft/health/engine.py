@@ -78,6 +78,7 @@ class Engine:
         self.children: set[asyncio.Task] = set()
         self.lateness = Lateness()
         self._flush_pending = False
+        self.running = True  # checkers end when this goes False, cancelled or not
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -96,6 +97,7 @@ class Engine:
 
     async def stop(self) -> None:
         """clear_services(): checks stop, the virtual servers go, omega notifiers run."""
+        self.running = False
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -123,7 +125,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         planned = loop.time() + random.uniform(0, chk.cfg.warmup or 0)
         discarded = 0
-        while True:
+        while self.running:
             await asyncio.sleep(max(0.0, planned - loop.time()))
             started = loop.time()
             self.lateness.add(started - planned)

@@ -1,5 +1,10 @@
 """One probe of each keepalived checker, as asyncio coroutines.
 
+Time limits use ``asyncio.timeout()``, not ``asyncio.wait_for()``: on
+Python 3.11 wait_for can swallow a cancellation that arrives as the awaited
+operation completes (fixed in 3.12 by reimplementing it on
+``asyncio.timeout``), which left a checker running after the daemon's stop.
+
 Each probe answers one question -- did the real server pass? -- within the
 checker's ``connect_timeout`` (MISC_CHECK: ``misc_timeout``), and says how
 long it took (the feedback weights use it).  They run concurrently in the
@@ -228,7 +233,8 @@ async def _datagram(chk: Checker, addr: IPAddress, port: int, payload: bytes) ->
         await loop.sock_connect(sock, (str(addr), port))
         await loop.sock_sendall(sock, payload)
         try:
-            return await asyncio.wait_for(loop.sock_recv(sock, 65535), chk.connect_timeout)
+            async with asyncio.timeout(chk.connect_timeout):
+                return await loop.sock_recv(sock, 65535)
         except TimeoutError:
             return None
     finally:
@@ -264,7 +270,8 @@ async def misc(chk: MiscCheck) -> int | None:
     except OSError:
         return 127  # what a shell says of a script it cannot run: a failure
     try:
-        return await asyncio.wait_for(proc.wait(), chk.timeout)
+        async with asyncio.timeout(chk.timeout):
+            return await proc.wait()
     except TimeoutError:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -330,7 +337,8 @@ class Pinger:
         self.pending[key] = fut
         try:
             sock.sendto(packet, (str(addr), 0))
-            await asyncio.wait_for(fut, chk.connect_timeout)
+            async with asyncio.timeout(chk.connect_timeout):
+                await fut
             return ""
         except TimeoutError:
             return "no echo reply"
@@ -369,7 +377,8 @@ class Prober:
             status = await misc(chk)
             return Outcome(status == 0, time.monotonic() - started, status)
         try:
-            why = await asyncio.wait_for(self._probe(chk, rs), chk.connect_timeout)
+            async with asyncio.timeout(chk.connect_timeout):
+                why = await self._probe(chk, rs)
         except TimeoutError:
             why = "timed out"
         except (OSError, ssl.SSLError, EOFError, UnicodeError) as exc:
