@@ -453,7 +453,7 @@ def prediction_length(svc: Service) -> int:
     services do not load hundreds of thousands of map elements.  A function
     of the model alone, so ipvsadm and the daemon agree on the slot range
     without asking each other."""
-    return min(64, max(8, 4 * len(svc.dests)))
+    return min(32, max(8, 2 * len(svc.dests)))
 
 
 @dataclass
@@ -486,7 +486,30 @@ NO_LIVE = LiveState()
 def slots(svc: Service, live: LiveState | None = None, states: list | None = None) -> sched.Slots:
     """The slot table of a managed service: one fixed slot per real server
     and the prediction as indices into them (``states``: see predict)."""
+    if not svc.dests:
+        return sched.Slots(svc.dests)
+    live = live or NO_LIVE
+    shape = None
+    if states is None and not live.loads.get(svc.key) and svc.key not in live.localities \
+            and not sched.is_sequence(svc):
+        # No connection yet: the prediction depends on the servers' weights and
+        # thresholds alone, and a restore of 10,000 alike services asks for
+        # the same one 10,000 times.
+        shape = (svc.scheduler, svc.fwmark != 0, svc.protocol,
+                 tuple((d.weight, d.u_threshold, d.l_threshold) for d in svc.dests))
+        dyn = _EMPTY.get(shape)
+        if dyn is not None:
+            return sched.Slots(svc.dests, dyn=dyn)
     index = {d.key: i for i, d in enumerate(svc.dests)}
-    picks = (live or NO_LIVE).prediction(svc, states) if svc.dests else []
+    picks = live.prediction(svc, states)
     dyn = tuple(-1 if d is None else index[d.key] for d in picks)
+    if shape is not None:
+        if len(_EMPTY) > 4096:
+            _EMPTY.clear()
+        _EMPTY[shape] = dyn
     return sched.Slots(svc.dests, dyn=dyn)
+
+
+# predictions for services without connections, by their shape (a pure
+# function of the key: it never goes stale)
+_EMPTY: dict = {}
