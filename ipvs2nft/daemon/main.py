@@ -231,6 +231,7 @@ class Daemon:
         handle = self._handle()
         if repair or handle != self.table_handle:
             self.publisher.forget()  # the table was rebuilt: nothing we wrote is left
+            self.publisher.prime([s for s in self.table.services if dynsched.managed(s)])
             changed = {s.key for s in self.table.services}
         else:
             self.publisher.forget(changed)
@@ -483,9 +484,11 @@ class Daemon:
             self._push(services)
 
     def publish(self, force: bool = False) -> None:
+        managed = [s for s in self.table.services if dynsched.managed(s)]
         if force:
             self.publisher.forget()
-        self._push([s for s in self.table.services if dynsched.managed(s)])
+            self.publisher.prime(managed)
+        self._push(managed)
 
     def _push(self, services) -> None:
         for _ in range(3):
