@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -42,7 +43,7 @@ from report import Goal, bound_goal, fmt_series, ratio_goal
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PHASES = ("dataplane", "restore", "add", "listing", "startup")
+PHASES = ("dataplane", "restore", "add", "listing", "startup", "daemon")
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,13 @@ class Plan:
     list_size: int = 10000
     list_rounds: int = 7
     startup_rounds: int = 15
+    daemon_rounds: int = 3
+    daemon_secs: float = 4.0
 
 
 QUICK = Plan(sizes=(1, 1000), secs=0.5, dp_rounds=2, restore_sizes=(100, 1000), restore_rounds=2,
-             add_sizes=(1, 1000), add_rounds=3, list_size=1000, list_rounds=3, startup_rounds=5)
+             add_sizes=(1, 1000), add_rounds=3, list_size=1000, list_rounds=3, startup_rounds=5,
+             daemon_rounds=1, daemon_secs=1.0)
 
 
 @dataclass
@@ -354,8 +358,24 @@ def write(res: Results, out: Path, argv: list[str], started: float, when: str) -
     out.write_text("\n".join(lines))
 
 
+def phase_daemon(plan: Plan, workdir: Path, res: Results, netload: list[str]) -> None:
+    import daemon as daemon_bench
+
+    n = plan.list_size
+    log(f"daemon: {n} services, {plan.daemon_rounds} rounds")
+    out = daemon_bench.measure(workdir, netload, log, services=n, rounds=plan.daemon_rounds,
+                               secs=plan.daemon_secs)
+    res.goals += daemon_bench.goals(out)
+    lines = daemon_bench.summary(out)
+    res.sections.append("\n".join([f"## 6. The daemon under load ({n:,} services × 4 real servers, wlc)", "",
+                                   *lines, ""]))
+    res.console.append("daemon:\n" + "\n".join(lines))
+    kept = {k: v for k, v in out.items() if k not in ("without", "with", "paced")}
+    res.raw.append(f"- daemon: `{json.dumps(kept)}`")
+
+
 RUN = {"dataplane": phase_dataplane, "restore": phase_restore, "add": phase_add, "listing": phase_listing,
-       "startup": phase_startup}
+       "startup": phase_startup, "daemon": phase_daemon}
 
 
 def _interrupted(signum: int, frame: object) -> None:

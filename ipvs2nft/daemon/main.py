@@ -558,6 +558,10 @@ class Daemon:
             return {"ok": True, "services": sum(1 for _ in self.table.services),
                     "connections": len(self.live.conns), **self.counters, "lag": _percentiles(self.lags),
                     "cpu": _cpu_seconds()}
+        if op == "lag":  # the lag samples so far, then start afresh (bench/daemon.py)
+            lag = _percentiles(self.lags)
+            self.lags.clear()
+            return {"ok": True, **lag}
         if op == "resync":  # a dump now; how far the counts were off
             self.resync()
             self.flush()
