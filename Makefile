@@ -6,7 +6,7 @@
 PYTHON   ?= /usr/bin/python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps busybox-static
+APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps busybox-static conntrackd
 STAMP    := $(VENV)/.setup-stamp
 # CI and `make test` run everything; PYTEST_ARGS narrows it (e.g. -m "not netns").
 PYTEST_ARGS ?=

@@ -80,7 +80,8 @@ CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 # enum ctattr_protoinfo, ctattr_protoinfo_tcp, ctattr_counters
 CTA_PROTOINFO_TCP = 1
-CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_STATE, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 1, 4, 5
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08  # <linux/netfilter/nf_conntrack_tcp.h>
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 
 # enum ip_conntrack_status (<linux/netfilter/nf_conntrack_common.h>)
@@ -444,6 +445,25 @@ class Conntrack(SocketOwner):
         body = _tuple_attr(CTA_TUPLE_ORIG, orig) + (attr_be16(CTA_ZONE, zone) if zone else b"")
         try:
             list(self._request(IPCTNL_MSG_CT_DELETE, netlink.NLM_F_ACK, _family(orig), body))
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def be_liberal(self, orig: Tuple) -> bool:
+        """Stop TCP window tracking on the flow with tuple ``orig`` (both
+        directions' IP_CT_TCP_FLAG_BE_LIBERAL, what conntrackd sets on the
+        states it injects); False if there is no such flow.  A flow whose
+        packets went through another director for a while comes back with
+        sequence numbers this table never saw, and window tracking would
+        call them invalid."""
+        flags = bytes([IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL])
+        tcp = nested(CTA_PROTOINFO_TCP, attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags),
+                     attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags))
+        body = _tuple_attr(CTA_TUPLE_ORIG, orig) + nested(CTA_PROTOINFO, tcp)
+        try:
+            list(self._request(IPCTNL_MSG_CT_NEW, netlink.NLM_F_ACK, _family(orig), body))
         except NetlinkError as exc:
             if exc.errno == errno.ENOENT:
                 return False
