@@ -144,7 +144,7 @@ class TwinLab:
                 self.sh(self.director(other), f"ip addr del {VIP}/24 dev lan0 2>/dev/null || true; "
                                               f"ip addr del {GATEWAY}/24 dev rsn0 2>/dev/null || true")
         d = self.director(which)
-        self.sh(d, f"ip addr add {VIP}/24 dev lan0; ip addr add {GATEWAY}/24 dev rsn0")
+        self.sh(d, f"ip addr replace {VIP}/24 dev lan0; ip addr replace {GATEWAY}/24 dev rsn0")
         with inside(d):
             gratuitous_arp("lan0", VIP)
             gratuitous_arp("rsn0", GATEWAY)
