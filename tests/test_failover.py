@@ -210,10 +210,8 @@ def test_persistent_client_keeps_its_real_server_across_failover(twin):
 
 def test_listing_and_errors_are_ipvsadm_s(twin):
     out = twin.ipvsadm("b", "-L --daemon").stdout
-    assert out == (f"master sync daemon (mcast={SYNC_IF}, syncid=0, maxlen=1472, group=224.0.0.81, port=8848, "
-                   "ttl=1)\n"
-                   f"backup sync daemon (mcast={SYNC_IF}, syncid=0, maxlen=1472, group=224.0.0.81, port=8848, "
-                   "ttl=1)\n")
+    line = f"sync daemon (mcast={SYNC_IF}, syncid=0, maxlen=1472, group=224.0.0.81, port=8848, ttl=1)\n"
+    assert out == f"master {line}backup {line}"
     again = twin.ipvsadm("b", f"--start-daemon master --mcast-interface {SYNC_IF}", check=False)
     assert (again.returncode, again.stderr) == (255, "Daemon has already run\n")
     # One conntrackd per director: master and backup share the channel.

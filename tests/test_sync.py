@@ -98,7 +98,8 @@ CLIENT = bytes([198, 51, 100, 2]) + (40000).to_bytes(2, "big") + b"\0\0"  # addr
 def test_flow_travels_with_the_server_identity_not_the_rid():
     master = table(("10.1.0.1", Forward.ROUTE, 7), ("10.1.0.2", Forward.ROUTE, 8))
     backup = table(("10.1.0.1", Forward.ROUTE, 21), ("10.1.0.2", Forward.ROUTE, 22))
-    nfnl = FakeNfnl({("ip", "ipvs2nft", "flows"): [Element(key(CLIENT, 8), timeout=900000, expiration=899000)]})
+    flow = Element(key(CLIENT, 8), timeout=900000, expiration=899000)
+    nfnl = FakeNfnl({("ip", "ipvs2nft", "flows"): [flow]})
     sender = sets.Sender(syncid=5, maxlen=1472)
     [data] = sender.collect(nfnl, master, now=100.0)
     msg = json.loads(data)
@@ -137,8 +138,9 @@ def replace_expiration(e: Element, ms: int) -> Element:
 
 def test_datagrams_stay_within_maxlen():
     t = table(*((f"10.1.{i // 250}.{i % 250 + 1}", Forward.ROUTE, i + 1) for i in range(40)))
-    elements = [Element(key(bytes([198, 51, 100, i % 250]) + (i + 1024).to_bytes(2, "big") + b"\0\0", i % 40 + 1),
-                        timeout=900000, expiration=800000) for i in range(3000)]
+    prefixes = [bytes([198, 51, 100, i % 250]) + (i + 1024).to_bytes(2, "big") + b"\0\0" for i in range(3000)]
+    elements = [Element(key(p, i % 40 + 1), timeout=900000, expiration=800000)
+                for i, p in enumerate(prefixes)]
     nfnl = FakeNfnl({("ip", "ipvs2nft", "flows"): elements})
     out = sets.Sender(0, 1000).collect(nfnl, t, now=5.0)
     assert all(len(d) <= 1000 for d in out)
@@ -189,8 +191,8 @@ def netns(tmp_path):
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", name, "sh", "-ec",
-                        "ip link set lo up; ip link add s0 type veth peer name s1; ip addr add 10.9.0.1/24 dev s0; "
-                        "ip link set s1 up; ip link set s0 up"], check=True)
+                        "ip link set lo up; ip link add s0 type veth peer name s1; "
+                        "ip addr add 10.9.0.1/24 dev s0; ip link set s1 up; ip link set s0 up"], check=True)
         yield ipvsadm
     finally:
         for state in ("master", "backup"):
@@ -215,8 +217,8 @@ def _conntrackds(name: str) -> list[str]:
 def test_without_conntrackd_start_daemon_names_the_package_and_records_nothing(netns):
     p = netns("--start-daemon master --mcast-interface s0", IPVS2NFT_CONNTRACKD="/nonexistent/conntrackd")
     assert (p.returncode, p.stdout) == (2, "")
-    assert p.stderr == ("ipvs2nft: --start-daemon runs conntrackd, which is not installed: install the Debian "
-                        "package conntrackd (apt-get install conntrackd)\n")
+    assert p.stderr == ("ipvs2nft: --start-daemon runs conntrackd, which is not installed: install the "
+                        "Debian package conntrackd (apt-get install conntrackd)\n")
     assert netns("-L --daemon").stdout == ""
 
 
