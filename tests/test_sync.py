@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -240,6 +241,14 @@ def test_start_and_stop_run_and_end_conntrackd(netns):
     assert (p.returncode, p.stderr) == (255, "No such device\n")
     p = netns("--start-daemon backup --mcast-interface s0")
     assert (p.returncode, p.stderr) == (255, "Daemon has already run\n")
+    # A new masquerading real server: the master's conntrackd is restarted with it in its filter.
+    assert netns("-A -t 10.9.0.40:80 -s rr").returncode == 0
+    assert netns("-a -t 10.9.0.40:80 -r 10.9.0.5 -m").returncode == 0
+    conf = conf_dir / "s0_224.0.0.81_8848" / "conntrackd.conf"
+    end = time.monotonic() + 20
+    while "IPv4_address 10.9.0.5" not in conf.read_text() or len(_conntrackds(netns.name)) != 2:
+        assert time.monotonic() < end, conf.read_text()
+        time.sleep(0.05)
     assert netns("--stop-daemon master").returncode == 0
     assert len(_conntrackds(netns.name)) == 1
     assert netns("--stop-daemon backup").returncode == 0

@@ -44,7 +44,6 @@ from ipvs2nft.sync.sets import SEND_EVERY, Receiver, Sender
 
 READY_WAIT = 10.0  # seconds a new conntrackd gets to open its UNIX socket
 RESTART_AFTER = 1.0  # seconds before a conntrackd that died is started again
-FOLLOW_EVERY = 0.5  # seconds between looks at the state file
 
 
 class StartError(Exception):
@@ -301,8 +300,10 @@ class Supervisor:
             except StartError:
                 pass
             return {"ok": False, "error": str(exc)}
-        if not daemons:
+        if not daemons:  # every conntrackd has ended: the next start may begin afresh at once
             self.stopping = True
+            self.sel.unregister(self.sock)
+            self.sock.close()
         return {"ok": True}
 
     def _follow(self, force: bool = False) -> bool:
@@ -319,6 +320,8 @@ class Supervisor:
 
     # ------------------------------------------------------------ the loop
     def tick(self) -> None:
+        """Every SEND_EVERY: follow the table (the store reads the file only
+        when it changed), restart a conntrackd that died, send the sets."""
         if self._follow():
             try:
                 self.reconcile()
@@ -348,23 +351,22 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
         _log(f"started (pid {os.getpid()})")
-        next_tick = next_follow = 0.0
+        next_tick = 0.0
         try:
             while not self.stopping:
                 for key, _ in self.sel.select(timeout=SEND_EVERY / 2):
                     key.data()
                 now = time.monotonic()
-                if now >= next_tick:
+                if now >= next_tick and not self.stopping:
                     next_tick = now + SEND_EVERY
-                    if now >= next_follow:
-                        next_follow = now + FOLLOW_EVERY
                     self.tick()
         finally:
             for run in self.running.values():
                 self._retire(run)
             self.running.clear()
             self._liberal(False)
-            self.sock.close()
+            if self.sock.fileno() >= 0:
+                self.sock.close()
             _log("stopped")
         return 0
 
