@@ -538,7 +538,11 @@ class Events(SocketOwner):
 
     def __init__(self, kinds: Iterable[Event] = (Event.NEW, Event.UPDATE, Event.DESTROY),
                  rcvbuf: int = netlink.DEFAULT_EVENT_RCVBUF, mark: int | None = None,
-                 mask: int = 0xFFFFFFFF) -> None:
+                 mask: int = 0xFFFFFFFF, packets_only: bool = False) -> None:
+        # packets_only: leave out the events a netlink request caused (conntrackd
+        # injecting a peer's state, a ``conntrack -U``): their nlmsg_pid is the
+        # requester's port id, a packet's is 0 (ctnetlink_conntrack_event)
+        self.packets_only = packets_only
         self._nl = _open([int(k) for k in kinds], rcvbuf)
         self._nl.setblocking(False)
         if mark is not None:
@@ -565,10 +569,10 @@ class Events(SocketOwner):
         for data in datagrams:
             pos, size = 0, len(data)
             while pos + 20 <= size:
-                length, kind, flags, _, _ = unpack(data, pos)
+                length, kind, flags, _, pid = unpack(data, pos)
                 if length < 20:
                     break
-                if kind >> 8 == NFNL_SUBSYS_CTNETLINK:
+                if kind >> 8 == NFNL_SUBSYS_CTNETLINK and not (pid and self.packets_only):
                     flow = parse_flow(data, pos + 20, pos + length, data[pos + 16])
                     if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
                         append((destroy, flow))

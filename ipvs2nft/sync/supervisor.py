@@ -211,7 +211,10 @@ class Supervisor:
         from ipvs2nft.nft.build import CT_MARK_OURS
 
         if wanted and self.events is None:
-            self.events = Events(kinds=(Event.NEW,), mark=CT_MARK_OURS, mask=CT_MARK_OURS)
+            # packets_only: not the states conntrackd writes from the peer (they are
+            # liberal already, and a change here would send them back to the peer,
+            # whose conntrackd would then replace its own entry with our copy)
+            self.events = Events(kinds=(Event.NEW,), mark=CT_MARK_OURS, mask=CT_MARK_OURS, packets_only=True)
             self.ct = Conntrack()
             self.sel.register(self.events, selectors.EVENT_READ, self._on_events)
         elif not wanted and self.events is not None:
