@@ -202,16 +202,31 @@ def netns(tmp_path):
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def _conntrackds(name: str) -> list[str]:
+def _processes(name: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process in namespace ``name``."""
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
     out = []
     for pid in pids:
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "conntrackd":
-                out.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip())
+            out.append((int(pid), Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()))
         except OSError:
             continue
     return out
+
+
+def _conntrackds(name: str) -> list[str]:
+    return [cmd for _, cmd in _processes(name) if cmd and cmd.split()[0].endswith("conntrackd")]
+
+
+def _supervisor(name: str) -> int | None:
+    return next((pid for pid, cmd in _processes(name) if "ipvs2nft.sync.supervisor" in cmd), None)
+
+
+def _wait(check, what: str, deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while not check():
+        assert time.monotonic() < end, f"not within {deadline:.0f} s: {what}"
+        time.sleep(0.05)
 
 
 @pytest.mark.netns
@@ -245,10 +260,14 @@ def test_start_and_stop_run_and_end_conntrackd(netns):
     assert netns("-A -t 10.9.0.40:80 -s rr").returncode == 0
     assert netns("-a -t 10.9.0.40:80 -r 10.9.0.5 -m").returncode == 0
     conf = conf_dir / "s0_224.0.0.81_8848" / "conntrackd.conf"
-    end = time.monotonic() + 20
-    while "IPv4_address 10.9.0.5" not in conf.read_text() or len(_conntrackds(netns.name)) != 2:
-        assert time.monotonic() < end, conf.read_text()
-        time.sleep(0.05)
+    _wait(lambda: "IPv4_address 10.9.0.5" in conf.read_text() and len(_conntrackds(netns.name)) == 2,
+          "conntrackd restarted with the new real server")
+    # A sync daemon killed by hand takes its conntrackd with it, and the next command starts both again.
+    supervisor = _supervisor(netns.name)
+    os.kill(supervisor, 9)
+    _wait(lambda: not _conntrackds(netns.name), "conntrackd ends with its sync daemon")
+    assert netns("-L --daemon").returncode == 0
+    assert _supervisor(netns.name) not in (None, supervisor) and len(_conntrackds(netns.name)) == 2
     assert netns("--stop-daemon master").returncode == 0
     assert len(_conntrackds(netns.name)) == 1
     assert netns("--stop-daemon backup").returncode == 0

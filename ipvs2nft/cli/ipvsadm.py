@@ -164,6 +164,10 @@ class Session:
             head = self.store.read_services([])
         except StoreError:
             return  # an unusable state file: the command reports it (or -C starts afresh)
+        if head.table.daemons:
+            from ipvs2nft import sync
+
+            sync.ensure(head.table, self.store)
         if not staged and kernel_gen == head.generation and genid is not None \
                 and (genid == self.store.seen_genid() or _daemon_watches()):
             return

@@ -66,6 +66,20 @@ def apply(table: Table, store) -> None:
         raise Ipvs2nftError(str(exc)) from None
 
 
+def ensure(table: Table, store) -> None:
+    """Before any command: the sync daemons the table lists run (a sync
+    daemon that was killed is started again, as the kernel's threads would
+    still be there).  Silent: the command's own output is ipvsadm's; a
+    failure is in the sync daemon's log."""
+    from ipvs2nft.daemon import control
+
+    if table.daemons and control.running_pid(ADDRESS) is None:
+        try:
+            apply(table, store)
+        except Ipvs2nftError:
+            pass
+
+
 def _spawn(store) -> None:
     """Start the sync daemon, detached, and wait until it listens."""
     from ipvs2nft.daemon import control

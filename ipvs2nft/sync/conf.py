@@ -42,8 +42,8 @@ not in the filter (``ipvs2nft.sync.sets`` carries direct routing's flows).
 Options IPVS has and conntrackd has not: ``--syncid`` (conntrackd messages
 carry no id: two clusters on one link need their own group or port),
 ``--mcast-ttl`` (conntrackd leaves the multicast TTL at 1, IPVS's default),
-``--sync-maxlen`` (conntrackd sizes its own messages; the set replication
-uses it).  They are kept and listed as IPVS lists them.
+``--sync-maxlen`` (conntrackd sizes its own messages).  The set replication
+uses all three.  They are kept and listed as IPVS lists them.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Instance:
     send_id: int = 0  # the master's --syncid
     accept_id: int = 0  # the backup's (0: any, as IPVS)
     maxlen: int = 1472  # the master's message size
+    ttl: int = 1  # the master's multicast TTL
 
 
 def instances(daemons: tuple[SyncDaemon, ...]) -> list[Instance]:
@@ -94,7 +95,8 @@ def instances(daemons: tuple[SyncDaemon, ...]) -> list[Instance]:
         ch = Channel(d.mcast_ifn, d.mcast_af, d.mcast_group, d.mcast_port)
         was = found.get(ch, Instance(ch))
         if d.state == "master":
-            found[ch] = replace(was, master=True, send_id=d.syncid, maxlen=d.sync_maxlen or was.maxlen)
+            found[ch] = replace(was, master=True, send_id=d.syncid, maxlen=d.sync_maxlen or was.maxlen,
+                                ttl=d.mcast_ttl or 1)
         else:
             found[ch] = replace(was, backup=True, accept_id=d.syncid)
     return list(found.values())

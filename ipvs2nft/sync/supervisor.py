@@ -23,6 +23,7 @@ the lock file, the UNIX socket, conntrackd's log; its own messages go to
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import selectors
@@ -74,6 +75,13 @@ def _hash_limit() -> int:
         return 524288
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the sync daemon ends, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG), so a new one never finds an orphan conntrackd
+    on its channel."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def _interface_address(ifname: str, af: int) -> str | None:
     """An address of the interface, which is how conntrackd names it."""
     if af != AF_INET6:
@@ -117,7 +125,8 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         with open(run.where / "console", "ab") as console:
             run.proc = subprocess.Popen([CONNTRACKD, "-C", str(conf)], stdin=subprocess.DEVNULL,
-                                        stdout=console, stderr=subprocess.STDOUT, env=env)
+                                        stdout=console, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_die_with_parent)
         deadline = time.monotonic() + READY_WAIT
         while not (run.where / "ctl").exists():
             if run.proc.poll() is not None or time.monotonic() > deadline:
@@ -180,7 +189,7 @@ class Supervisor:
             run.sender = Sender(inst.send_id, inst.maxlen)
             run.out = socket.socket(ch.af, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             run.sockets.append(run.out)
-            host._master_socket(run.out, ch.af, ch.ifname, index, ch.group, port, 1)
+            host._master_socket(run.out, ch.af, ch.ifname, index, ch.group, port, inst.ttl)
             if ch.af == AF_INET6:
                 run.out.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
             else:
