@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,8 @@ from ipvs2nft.sync.sets import SEND_EVERY, Receiver, Sender
 
 READY_WAIT = 10.0  # seconds a new conntrackd gets to open its UNIX socket
 RESTART_AFTER = 1.0  # seconds before a conntrackd that died is started again
+STOP_WAIT = 5.0  # seconds a conntrackd gets to end, on SIGTERM and then on SIGKILL
+SETTLE = 1.0  # seconds the table must stay unchanged before conntrackd is restarted for it
 
 
 class StartError(Exception):
@@ -114,6 +117,8 @@ class Supervisor:
         self.stopping = False
         self.sock: socket.socket | None = None
         self.events = self.ct = self.nfnl = None
+        self.zombies: list[subprocess.Popen] = []
+        self.changed_at: float | None = None  # the table changed; conntrackd not yet reconfigured
 
     # ------------------------------------------------------------ conntrackd
     def _start(self, run: Running) -> None:
@@ -144,10 +149,14 @@ class Supervisor:
             return
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=STOP_WAIT)
         except subprocess.TimeoutExpired:
+            _log(f"conntrackd (pid {proc.pid}) did not end on SIGTERM: killed")
             proc.kill()
-            proc.wait(timeout=5)
+            try:
+                proc.wait(timeout=STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                self.zombies.append(proc)  # reaped by a later tick
 
     # ------------------------------------------------------------ reconciling
     def reconcile(self) -> None:
@@ -303,6 +312,7 @@ class Supervisor:
         before = self.daemons
         self.daemons = daemons
         self._follow(force=True)
+        self.changed_at = None
         try:
             self.reconcile()
         except StartError as exc:
@@ -333,13 +343,20 @@ class Supervisor:
     # ------------------------------------------------------------ the loop
     def tick(self) -> None:
         """Every SEND_EVERY: follow the table (the store reads the file only
-        when it changed), restart a conntrackd that died, send the sets."""
+        when it changed), restart a conntrackd that died, send the sets.
+        A conntrackd whose filter the table changed is restarted once the
+        table has settled (a restore or a health checker changes it in
+        bursts, and each restart costs the peer a resynchronisation)."""
+        now = time.monotonic()
         if self._follow():
+            self.changed_at = now
+        if self.changed_at is not None and now - self.changed_at >= SETTLE:
+            self.changed_at = None
             try:
                 self.reconcile()
             except StartError as exc:
                 _log(str(exc))
-        now = time.monotonic()
+        self.zombies = [z for z in self.zombies if z.poll() is None]
         for run in self.running.values():
             if run.proc is not None and run.proc.poll() is not None:
                 _log(f"conntrackd on {run.instance.channel.ifname} exited ({run.proc.returncode}): "
@@ -367,11 +384,11 @@ class Supervisor:
         try:
             while not self.stopping:
                 for key, _ in self.sel.select(timeout=SEND_EVERY / 2):
-                    key.data()
+                    _guarded(key.data)
                 now = time.monotonic()
                 if now >= next_tick and not self.stopping:
                     next_tick = now + SEND_EVERY
-                    self.tick()
+                    _guarded(self.tick)
         finally:
             for run in self.running.values():
                 self._retire(run)
@@ -381,6 +398,14 @@ class Supervisor:
                 self.sock.close()
             _log("stopped")
         return 0
+
+
+def _guarded(step) -> None:
+    """One step of the loop; a bug in it is logged, and the sync goes on."""
+    try:
+        step()
+    except Exception:  # noqa: BLE001 - the sync daemon must outlive its bugs
+        _log("unexpected error:\n" + traceback.format_exc())
 
 
 def _last_words(where: Path) -> str:
