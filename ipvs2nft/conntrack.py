@@ -536,12 +536,14 @@ class Events(SocketOwner):
     this reader's CPU per connection of all traffic by a fifth to a third.
     """
 
+    # packets_only: leave out the events a netlink request caused (conntrackd
+    # injecting a peer's state, a ``conntrack -U``): their nlmsg_pid is the
+    # requester's port id, a packet's is 0 (ctnetlink_conntrack_event)
+    packets_only = False
+
     def __init__(self, kinds: Iterable[Event] = (Event.NEW, Event.UPDATE, Event.DESTROY),
                  rcvbuf: int = netlink.DEFAULT_EVENT_RCVBUF, mark: int | None = None,
                  mask: int = 0xFFFFFFFF, packets_only: bool = False) -> None:
-        # packets_only: leave out the events a netlink request caused (conntrackd
-        # injecting a peer's state, a ``conntrack -U``): their nlmsg_pid is the
-        # requester's port id, a packet's is 0 (ctnetlink_conntrack_event)
         self.packets_only = packets_only
         self._nl = _open([int(k) for k in kinds], rcvbuf)
         self._nl.setblocking(False)

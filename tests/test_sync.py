@@ -274,3 +274,27 @@ def test_start_and_stop_run_and_end_conntrackd(netns):
     assert _conntrackds(netns.name) == []
     p = netns("--stop-daemon backup")
     assert (p.returncode, p.stderr) == (255, "No daemon is running\n")
+
+
+def test_events_caused_by_a_netlink_request_can_be_left_out():
+    """What the sync daemon stops window tracking on: connections a packet
+    made (nlmsg_pid 0), not the states conntrackd wrote from the peer (its
+    port id).  Recorded events, one of them given a requester's port id."""
+    import struct
+
+    from ipvs2nft import conntrack
+    from tests.test_netlink_parse import _Recorded, datagrams, fixture
+
+    raw = datagrams(fixture("conntrack_events")["datagrams"])
+    first = bytearray(raw[0])
+    struct.pack_into("=I", first, 12, 4242)  # nlmsg_pid of the datagram's first message
+    tampered = [bytes(first), *raw[1:]]
+
+    def read(datagrams_: list[bytes], packets_only: bool) -> list:
+        events = object.__new__(conntrack.Events)
+        events._nl = _Recorded(datagrams_, False)
+        events.packets_only = packets_only
+        return events.read()
+
+    assert len(read(tampered, False)) == len(read(raw, False)) == 31
+    assert len(read(tampered, True)) == len(read(raw, True)) - 1

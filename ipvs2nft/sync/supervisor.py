@@ -141,7 +141,10 @@ class Supervisor:
                                  f"{': ' + reason if reason else ''}")
             time.sleep(0.02)
         if run.instance.master:  # what exists already goes to the backup now
-            subprocess.run([CONNTRACKD, "-C", str(conf), "-B"], capture_output=True, timeout=10)
+            try:
+                subprocess.run([CONNTRACKD, "-C", str(conf), "-B"], capture_output=True, timeout=10)
+            except (subprocess.TimeoutExpired, OSError) as exc:
+                _log(f"conntrackd -B: {exc}")
 
     def _stop(self, run: Running) -> None:
         proc, run.proc = run.proc, None
@@ -180,7 +183,7 @@ class Supervisor:
                 self._open_sets(run)
             except (StartError, OSError) as exc:
                 self.running.pop(ch, None)
-                self._close_sets(run)
+                self._retire(run)
                 raise exc if isinstance(exc, StartError) else StartError(
                     f"ipvs2nft: cannot start the sync daemon on {ch.ifname}: {exc.strerror or exc}") from None
             self.running[ch] = run
