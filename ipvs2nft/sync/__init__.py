@@ -13,7 +13,7 @@ before it changes anything: the sync daemon of this network namespace
 (``supervisor.py``, started here on first use) makes the running conntrackd
 instances those of the table's daemons and answers; an error (no
 conntrackd, an interface conntrackd cannot use) fails the command, which
-then records nothing.  ``ipvsadm --start-daemon`` returns at once, the sync
+then records nothing.  ``ipvsadm --start-daemon`` returns once conntrackd listens, the sync
 runs until ``--stop-daemon``, and ``-L --daemon`` lists what IPVS would.
 """
 
