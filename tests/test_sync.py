@@ -298,3 +298,13 @@ def test_events_caused_by_a_netlink_request_can_be_left_out():
 
     assert len(read(tampered, False)) == len(read(raw, False)) == 31
     assert len(read(tampered, True)) == len(read(raw, True)) - 1
+
+
+@pytest.mark.netns
+def test_a_removed_state_file_ends_the_sync_daemon(netns):
+    """As after a reboot: no state, no sync daemon (and none left running)."""
+    assert netns("--start-daemon master --mcast-interface s0").returncode == 0
+    assert len(_conntrackds(netns.name)) == 1
+    (netns.dir / "state.json").unlink()
+    _wait(lambda: not _conntrackds(netns.name) and _supervisor(netns.name) is None, "the sync daemon ends")
+    assert netns("-L --daemon").stdout == ""

@@ -66,6 +66,18 @@ def apply(table: Table, store) -> None:
         raise Ipvs2nftError(str(exc)) from None
 
 
+def stop_all() -> None:
+    """End the sync daemon of this namespace, if one runs (for tests that
+    throw a namespace away)."""
+    from ipvs2nft.daemon import control
+
+    if control.running_pid(ADDRESS) is not None:
+        try:
+            control.ask("apply", address=ADDRESS, timeout=APPLY_WAIT, daemons=[])
+        except control.ControlError:
+            pass
+
+
 def ensure(table: Table, store) -> None:
     """Before any command: the sync daemons the table lists run (a sync
     daemon that was killed is started again, as the kernel's threads would

@@ -48,6 +48,7 @@ READY_WAIT = 10.0  # seconds a new conntrackd gets to open its UNIX socket
 RESTART_AFTER = 1.0  # seconds before a conntrackd that died is started again
 STOP_WAIT = 5.0  # seconds a conntrackd gets to end, on SIGTERM and then on SIGKILL
 SETTLE = 1.0  # seconds the table must stay unchanged before conntrackd is restarted for it
+PUBLISH_WAIT = 10.0  # seconds ipvsadm may take to publish the state it asked for
 
 
 class StartError(Exception):
@@ -119,6 +120,8 @@ class Supervisor:
         self.events = self.ct = self.nfnl = None
         self.zombies: list[subprocess.Popen] = []
         self.changed_at: float | None = None  # the table changed; conntrackd not yet reconfigured
+        self.published = False  # the state file has listed the daemons ipvsadm last asked for
+        self.applied_time = 0.0
 
     # ------------------------------------------------------------ conntrackd
     def _start(self, run: Running) -> None:
@@ -316,6 +319,7 @@ class Supervisor:
         self.daemons = daemons
         self._follow(force=True)
         self.changed_at = None
+        self.published, self.applied_time = False, time.monotonic()  # ipvsadm publishes the table next
         try:
             self.reconcile()
         except StartError as exc:
@@ -353,6 +357,16 @@ class Supervisor:
         now = time.monotonic()
         if self._follow():
             self.changed_at = now
+            self.published |= self.table.daemons == self.daemons
+        settled = self.published or now - self.applied_time > PUBLISH_WAIT
+        if self.daemons and not self.table.daemons and settled:
+            # the state lists no sync daemon: the state file was removed or
+            # replaced (as after a reboot), not changed by ipvsadm
+            _log("the state file lists no sync daemon any more: stopping")
+            self.daemons = ()
+            self.reconcile()
+            self.stopping = True
+            return
         if self.changed_at is not None and now - self.changed_at >= SETTLE:
             self.changed_at = None
             try:
