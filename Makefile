@@ -8,14 +8,15 @@ VENV     := .venv
 VPY      := $(VENV)/bin/python
 APT_PKGS := nftables python3-nftables python3-venv iproute2 conntrack iptables procps busybox-static \
             python3-prometheus-client prometheus prometheus-node-exporter systemd \
-            debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools ipvsadm \
+            debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools ipvsadm conntrackd \
             snmpd snmp
 # busybox-static: the oracle-like lab's httpd (tests/oracle_lab.py);
 # python3-prometheus-client: the daemon's --metrics (Debian's, as the package
 # Recommends it); prometheus (promtool) and prometheus-node-exporter check
 # the metrics in the tests; systemd (systemd-analyze) verifies the units;
 # debhelper, dh-python, pybuild-plugin-pyproject build `make deb`; Debian's ipvsadm is
-# installed so that the package test always has its files to divert and give back.
+# installed so that the package test always has its files to divert and give back;
+# conntrackd runs --start-daemon's connection sync.
 # snmpd and snmp (net-snmp's agent and tools): the SNMP feedback-weight tests run a real agent.
 VERSION   = $(shell $(PYTHON) -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("ipvs2nft/__init__.py").read())[1])')
 DEB       := dist/ipvs2nft_$(VERSION)_all.deb

@@ -43,11 +43,11 @@ class Goal:
 
     def measured(self) -> str:
         lo, hi = spread(self.per_round)
-        fmt = (lambda v: f"{v:.3f} s") if self.unit == "s" else (lambda v: f"{v:.2f}×")
+        fmt = {"s": lambda v: f"{v:.3f} s", "n": lambda v: f"{v:g}"}.get(self.unit, lambda v: f"{v:.2f}×")
         return f"{fmt(self.value)} (rounds {fmt(lo)}–{fmt(hi)})" if self.per_round else fmt(self.value)
 
     def bound(self) -> str:
-        return f"≤ {self.limit:g} s" if self.unit == "s" else f"≤ {self.limit:g}×"
+        return {"s": f"≤ {self.limit:g} s", "n": f"≤ {self.limit:g}"}.get(self.unit, f"≤ {self.limit:g}×")
 
 
 def ratio_goal(item: int, text: str, num: list[float], den: list[float], limit: float) -> Goal:

@@ -6,7 +6,8 @@
 3. one ``ipvsadm -a`` against a bare ``nft add element``, at 1 and 10,000 services;
 4. ``ipvsadm -L -n`` / ``-S -n`` at 10,000 services;
 5. start-up against ``python3 -c pass``;
-6. keepalived health checks: 1,000 real servers checked every second (bench/health.py).
+6. the daemon under load (bench/daemon.py);
+7. keepalived health checks: 1,000 real servers checked every second (bench/health.py).
 
 The machines are shared and noisy, so A and B are always measured in the
 same rounds, interleaved, and the report gives medians with their spread;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -44,7 +46,7 @@ from report import Goal, bound_goal, fmt_series, ratio_goal
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PHASES = ("dataplane", "restore", "add", "listing", "startup", "health")
+PHASES = ("dataplane", "restore", "add", "listing", "startup", "daemon", "health")
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,15 @@ class Plan:
     list_size: int = 10000
     list_rounds: int = 7
     startup_rounds: int = 15
+    daemon_rounds: int = 3
+    daemon_secs: float = 4.0
     health_servers: int = 1000
     health_secs: float = 20.0
 
 
 QUICK = Plan(sizes=(1, 1000), secs=0.5, dp_rounds=2, restore_sizes=(100, 1000), restore_rounds=2,
              add_sizes=(1, 1000), add_rounds=3, list_size=1000, list_rounds=3, startup_rounds=5,
-             health_servers=200, health_secs=5.0)
+             daemon_rounds=1, daemon_secs=1.0, health_servers=200, health_secs=5.0)
 
 
 @dataclass
@@ -330,14 +334,14 @@ def phase_health(plan: Plan, workdir: Path, res: Results, netload: list[str]) ->
     n = plan.health_servers
     log(f"health: {n} real servers checked every second for {plan.health_secs:g} s")
     r = health.measure(workdir, n, plan.health_secs)
-    goals = [Goal(6, f"health checks: p99 lateness of a probe's start, {k(n)} real servers every 1 s",
+    goals = [Goal(7, f"health checks: p99 lateness of a probe's start, {k(n)} real servers every 1 s",
                   r.p99_late, 0.2, unit="s"),
-             Goal(6, f"health checks: planned ÷ done probes, {k(n)} real servers every 1 s",
+             Goal(7, f"health checks: planned ÷ done probes, {k(n)} real servers every 1 s",
                   n * r.seconds / max(r.probes, 1), 1.01),
-             Goal(6, "health checks: no drift (median lateness, second half − first half of the run)",
+             Goal(7, "health checks: no drift (median lateness, second half − first half of the run)",
                   r.late_second_half - r.late_first_half, 0.01, unit="s")]
     res.goals += goals
-    res.sections += ["## 6. Health checks (keepalived's TCP_CHECK)", "", health.describe(r) + ".", "",
+    res.sections += ["## 7. Health checks (keepalived's TCP_CHECK)", "", health.describe(r) + ".", "",
                      health.__doc__.split("\n\n", 1)[1].strip(), ""]
     res.console.append(health.describe(r))
     res.raw.append(f"- health: {health.describe(r)}")
@@ -376,8 +380,24 @@ def write(res: Results, out: Path, argv: list[str], started: float, when: str) -
     out.write_text("\n".join(lines))
 
 
+def phase_daemon(plan: Plan, workdir: Path, res: Results, netload: list[str]) -> None:
+    import daemon as daemon_bench
+
+    n = plan.list_size
+    log(f"daemon: {n} services, {plan.daemon_rounds} rounds")
+    out = daemon_bench.measure(workdir, netload, log, services=n, rounds=plan.daemon_rounds,
+                               secs=plan.daemon_secs)
+    res.goals += daemon_bench.goals(out)
+    lines = daemon_bench.summary(out)
+    res.sections.append("\n".join([f"## 6. The daemon under load ({n:,} services × 4 real servers, wlc)", "",
+                                   *lines, ""]))
+    res.console.append("daemon:\n" + "\n".join(lines))
+    kept = {k: v for k, v in out.items() if k not in ("without", "with", "paced")}
+    res.raw.append(f"- daemon: `{json.dumps(kept)}`")
+
+
 RUN = {"dataplane": phase_dataplane, "restore": phase_restore, "add": phase_add, "listing": phase_listing,
-       "startup": phase_startup, "health": phase_health}
+       "startup": phase_startup, "daemon": phase_daemon, "health": phase_health}
 
 
 def _interrupted(signum: int, frame: object) -> None:

@@ -80,7 +80,8 @@ CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 # enum ctattr_protoinfo, ctattr_protoinfo_tcp, ctattr_counters
 CTA_PROTOINFO_TCP = 1
-CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_STATE, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 1, 4, 5
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08  # <linux/netfilter/nf_conntrack_tcp.h>
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 
 # enum ip_conntrack_status (<linux/netfilter/nf_conntrack_common.h>)
@@ -450,6 +451,25 @@ class Conntrack(SocketOwner):
             raise
         return True
 
+    def be_liberal(self, orig: Tuple) -> bool:
+        """Stop TCP window tracking on the flow with tuple ``orig`` (both
+        directions' IP_CT_TCP_FLAG_BE_LIBERAL, what conntrackd sets on the
+        states it injects); False if there is no such flow.  A flow whose
+        packets went through another director for a while comes back with
+        sequence numbers this table never saw, and window tracking would
+        call them invalid."""
+        flags = bytes([IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL])
+        tcp = nested(CTA_PROTOINFO_TCP, attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags),
+                     attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags))
+        body = _tuple_attr(CTA_TUPLE_ORIG, orig) + nested(CTA_PROTOINFO, tcp)
+        try:
+            list(self._request(IPCTNL_MSG_CT_NEW, netlink.NLM_F_ACK, _family(orig), body))
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
     def delete_marked(self, mark: int, mask: int = 0xFFFFFFFF, family: int = socket.AF_UNSPEC) -> None:
         """Delete every flow whose ``ct mark & mask == mark`` in one request
         (a filtered flush, ``ctnetlink_flush_conntrack``).  The kernel does
@@ -567,9 +587,15 @@ class Events(SocketOwner):
     this reader's CPU per connection of all traffic by a fifth to a third.
     """
 
+    # packets_only: leave out the events a netlink request caused (conntrackd
+    # injecting a peer's state, a ``conntrack -U``): their nlmsg_pid is the
+    # requester's port id, a packet's is 0 (ctnetlink_conntrack_event)
+    packets_only = False
+
     def __init__(self, kinds: Iterable[Event] = (Event.NEW, Event.UPDATE, Event.DESTROY),
                  rcvbuf: int = netlink.DEFAULT_EVENT_RCVBUF, mark: int | None = None,
-                 mask: int = 0xFFFFFFFF, program=None) -> None:
+                 mask: int = 0xFFFFFFFF, program=None, packets_only: bool = False) -> None:
+        self.packets_only = packets_only
         self._nl = _open([int(k) for k in kinds], rcvbuf)
         self._nl.setblocking(False)
         if mark is not None:
@@ -596,10 +622,10 @@ class Events(SocketOwner):
         for data in datagrams:
             pos, size = 0, len(data)
             while pos + 20 <= size:
-                length, kind, flags, _, _ = unpack(data, pos)
+                length, kind, flags, _, pid = unpack(data, pos)
                 if length < 20:
                     break
-                if kind >> 8 == NFNL_SUBSYS_CTNETLINK:
+                if kind >> 8 == NFNL_SUBSYS_CTNETLINK and not (pid and self.packets_only):
                     flow = parse_flow(data, pos + 20, pos + length, data[pos + 16])
                     if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
                         append((destroy, flow))

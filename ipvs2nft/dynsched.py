@@ -17,7 +17,6 @@ Pure: no I/O.  Counts come in as ``Load`` per real server (``Dest.key``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ipvs2nft import sched
@@ -134,86 +133,23 @@ def recount_overload(dest: Dest, load: Load) -> None:
 
 # ------------------------------------------------------------------ decisions
 
-def _usable(dest: Dest, load: Load) -> bool:
-    return not load.overloaded and dest.weight > 0
-
-
-def _weighted_least(dests: Iterable[Dest], loads: Loads, overhead: Callable[[Load], int],
-                    available: Callable[[Dest], bool] = lambda d: True) -> Dest | None:
-    """The two-stage loop of wlc, sed, lblc and lblcr: the first usable
-    server (kernel list order, newest first), then any later one that is not
-    overloaded whose overhead/weight is strictly lower (``loh * w_d > doh *
-    w_least``; a weight-0 server can never win that comparison)."""
-    it = iter(dests)
-    least = None
-    for d in it:
-        if _usable(d, load_of(loads, d)) and available(d):
-            least = d
-            break
-    if least is None:
-        return None
-    loh = overhead(load_of(loads, least))
-    for d in it:
-        load = load_of(loads, d)
-        if load.overloaded or not available(d):
-            continue
-        doh = overhead(load)
-        if loh * d.weight > doh * least.weight:
-            least, loh = d, doh
-    return least
-
-
-def _lc(svc: Service, loads: Loads) -> Dest | None:
-    least, loh = None, 0
-    for d in svc.dests:
-        load = load_of(loads, d)
-        if load.overloaded or d.weight == 0:
-            continue
-        doh = load.overhead
-        if least is None or doh < loh:
-            least, loh = d, doh
-    return least
+def _choose(name: str, dests, loads: Loads) -> Dest | None:
+    """One decision of scheduler ``name`` over ``dests`` (kernel list
+    order): the kernel's loop, run by the array picker below."""
+    dests = list(dests)
+    n = len(dests)
+    weight, active, total, over = [0] * n, [0] * n, [0] * n, [False] * n
+    for i, d in enumerate(dests):
+        load = loads.get(d.key)
+        weight[i] = d.weight
+        if load is not None:
+            active[i], total[i], over[i] = load.active, load.total, load.overloaded
+    i = _FAST[name](n, weight, active, total, over)
+    return dests[i] if i >= 0 else None
 
 
 def _wlc(svc: Service, loads: Loads) -> Dest | None:
-    return _weighted_least(svc.dests, loads, lambda load: load.overhead)
-
-
-def _sed(svc: Service, loads: Loads) -> Dest | None:
-    return _weighted_least(svc.dests, loads, lambda load: load.active + 1)
-
-
-def _nq(svc: Service, loads: Loads) -> Dest | None:
-    least, loh = None, 0
-    for d in svc.dests:
-        load = load_of(loads, d)
-        if load.overloaded or d.weight == 0:
-            continue
-        doh = load.active + 1
-        if load.active == 0:
-            return d  # an idle server is taken at once
-        if least is None or loh * d.weight > doh * least.weight:
-            least, loh = d, doh
-    return least
-
-
-def _ovf(svc: Service, loads: Loads) -> Dest | None:
-    best = None
-    for d in svc.dests:
-        load = load_of(loads, d)
-        if load.overloaded or load.active > d.weight or d.weight == 0:
-            continue
-        if best is None or d.weight > best.weight:
-            best = d
-    return best
-
-
-def _fo(svc: Service, loads: Loads) -> Dest | None:
-    best, hw = None, 0
-    for d in svc.dests:
-        if not load_of(loads, d).overloaded and d.weight > hw:
-            best, hw = d, d.weight
-    return best
+    return _choose("wlc", svc.dests, loads)
 
 
 def is_overloaded(svc: Service, dest: Dest, loads: Loads) -> bool:
@@ -252,7 +188,7 @@ def _lblcr_min(svc: Service, members: list, loads: Loads) -> Dest | None:
     first); a member no longer in the service is not available."""
     dests = [svc.find_dest(k) for k in members]
     present = [d for d in dests if d is not None]
-    return _weighted_least(present, loads, lambda load: load.overhead)
+    return _choose("wlc", present, loads)
 
 
 def _lblcr(svc: Service, loads: Loads, daddr, table: Locality) -> Dest | None:
@@ -271,7 +207,6 @@ def _lblcr(svc: Service, loads: Loads, daddr, table: Locality) -> Dest | None:
     return dest
 
 
-_PICK = {"lc": _lc, "wlc": _wlc, "sed": _sed, "nq": _nq, "ovf": _ovf, "fo": _fo}
 
 
 def _sequence_pick(svc: Service, st: SchedState, loads: Loads) -> tuple[Dest | None, SchedState]:
@@ -299,8 +234,8 @@ def schedule(svc: Service, loads: Loads, daddr=None, table: Locality | None = No
         table = table if table is not None else Locality()
         pick = _lblc if name == "lblc" else _lblcr
         return pick(svc, loads, daddr, table), st
-    if name in _PICK:
-        return _PICK[name](svc, loads), st
+    if name in _FAST:
+        return _choose(name, svc.dests, loads), st
     if sched.is_sequence(svc):
         return _sequence_pick(svc, st if st is not None else svc.sched, loads)
     raise ValueError(f"{name} is not scheduled from counts")
@@ -340,11 +275,10 @@ def predict(svc: Service, loads: Loads, count: int, daddr=None, table: Locality 
 
 
 def _predict_fast(svc: Service, loads: Loads, count: int) -> list[Dest | None]:
-    """``predict`` for lc, wlc, sed, nq and ovf over plain lists of numbers:
-    the daemon computes a prediction for every service whose counts
+    """``predict`` for lc, wlc, sed, nq, ovf and fo over plain lists of
+    numbers: the daemon computes a prediction for every service whose counts
     change, many times a second, and the general path's objects cost more
-    than the arithmetic.  The same comparisons, in the same order, as the
-    functions above (test_dynsched checks the two agree)."""
+    than the arithmetic (test_dynsched checks the two agree)."""
     dests = svc.dests
     n = len(dests)
     weight = [d.weight for d in dests]
@@ -371,7 +305,15 @@ def _predict_fast(svc: Service, loads: Loads, count: int) -> list[Dest | None]:
     return out
 
 
+# The schedulers' loops (ip_vs_{lc,wlc,sed,nq,ovf,fo}.c) over one list per
+# field, servers in the kernel's list order (newest first); each returns the
+# index of the server IPVS takes, or -1 for none.
+
 def _fast_weighted(overhead):
+    """The two-stage loop of wlc and sed (and of lblc/lblcr's fresh
+    choices): the first usable server, then any later one not overloaded
+    whose overhead/weight is strictly lower (``loh * w_d > doh * w_least``;
+    a weight-0 server can never win that comparison)."""
     def pick(n, weight, active, total, over) -> int:
         least = -1
         for i in range(n):
@@ -425,8 +367,16 @@ def _fast_ovf(n, weight, active, total, over) -> int:
     return best
 
 
+def _fast_fo(n, weight, active, total, over) -> int:
+    best, hw = -1, 0
+    for i in range(n):
+        if not over[i] and weight[i] > hw:
+            best, hw = i, weight[i]
+    return best
+
+
 _FAST = {"lc": _fast_lc, "wlc": _fast_weighted(lambda a, t: (a << 8) + t),
-         "sed": _fast_weighted(lambda a, t: a + 1), "nq": _fast_nq, "ovf": _fast_ovf}
+         "sed": _fast_weighted(lambda a, t: a + 1), "nq": _fast_nq, "ovf": _fast_ovf, "fo": _fast_fo}
 
 
 def managed(svc: Service) -> bool:
@@ -453,7 +403,7 @@ def prediction_length(svc: Service) -> int:
     services do not load hundreds of thousands of map elements.  A function
     of the model alone, so ipvsadm and the daemon agree on the slot range
     without asking each other."""
-    return min(64, max(8, 4 * len(svc.dests)))
+    return min(32, max(8, 2 * len(svc.dests)))
 
 
 @dataclass
@@ -486,7 +436,30 @@ NO_LIVE = LiveState()
 def slots(svc: Service, live: LiveState | None = None, states: list | None = None) -> sched.Slots:
     """The slot table of a managed service: one fixed slot per real server
     and the prediction as indices into them (``states``: see predict)."""
+    if not svc.dests:
+        return sched.Slots(svc.dests)
+    live = live or NO_LIVE
+    shape = None
+    if states is None and not live.loads.get(svc.key) and svc.key not in live.localities \
+            and not sched.is_sequence(svc):
+        # No connection yet: the prediction depends on the servers' weights and
+        # thresholds alone, and a restore of 10,000 alike services asks for
+        # the same one 10,000 times.
+        shape = (svc.scheduler, svc.fwmark != 0, svc.protocol,
+                 tuple((d.weight, d.u_threshold, d.l_threshold) for d in svc.dests))
+        dyn = _EMPTY.get(shape)
+        if dyn is not None:
+            return sched.Slots(svc.dests, dyn=dyn)
     index = {d.key: i for i, d in enumerate(svc.dests)}
-    picks = (live or NO_LIVE).prediction(svc, states) if svc.dests else []
+    picks = live.prediction(svc, states)
     dyn = tuple(-1 if d is None else index[d.key] for d in picks)
+    if shape is not None:
+        if len(_EMPTY) > 4096:
+            _EMPTY.clear()
+        _EMPTY[shape] = dyn
     return sched.Slots(svc.dests, dyn=dyn)
+
+
+# predictions for services without connections, by their shape (a pure
+# function of the key: it never goes stale)
+_EMPTY: dict = {}

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipvs2nft import host, netaddr
+from ipvs2nft import host, netaddr, sync
 from ipvs2nft.cli import ipvsadm as cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oracle"
@@ -218,6 +218,7 @@ def vm_like_netns(tmp_path=None):
             host.forget()
             yield True
         finally:
+            sync.stop_all()  # a --start-daemon in the block left conntrackd running here
             netaddr.addr_to_host.cache_clear()
             host.forget()
             if libc.setns(home_net, _CLONE_NEWNET) != 0 or libc.setns(home_mnt, _CLONE_NEWNS) != 0:

@@ -117,10 +117,19 @@ class Session:
         prepared = self.store.prepare(old, new_table)
         staged = self.store.stage(prepared)
         faults.point("before-kernel")
+        # --start-daemon / --stop-daemon: conntrackd runs (or stops) first,
+        # so a daemon that cannot start fails the command (ipvs2nft.sync)
+        syncing = self.backend.checks and old.table.daemons != prepared.table.daemons
         try:
+            if syncing:
+                from ipvs2nft import sync
+
+                sync.apply(prepared.table, self.store)
             self.backend.apply(old, prepared)
         except BaseException:
             self.store.discard(staged)
+            if syncing:
+                _undo_sync(old.table, self.store)
             raise
         faults.point("after-kernel")
         self.store.publish(staged)
@@ -155,6 +164,10 @@ class Session:
             head = self.store.read_services([])
         except StoreError:
             return  # an unusable state file: the command reports it (or -C starts afresh)
+        if head.table.daemons:
+            from ipvs2nft import sync
+
+            sync.ensure(head.table, self.store)
         if not staged and kernel_gen == head.generation and genid is not None \
                 and (genid == self.store.seen_genid() or _daemon_watches()):
             return
@@ -191,6 +204,16 @@ class Session:
             self._commit(self.snapshot, self.table)
         for action in self.after_commit:
             action()
+
+
+def _undo_sync(table: Table, store: Store) -> None:
+    """The sync daemons as they were, after a commit that failed."""
+    from ipvs2nft import sync
+
+    try:
+        sync.apply(table, store)
+    except IpvsadmError:
+        pass  # the command's own error is the one to report
 
 
 def _daemon_watches() -> bool:

@@ -29,11 +29,11 @@ class ControlError(Exception):
     """A request the daemon refused, or no daemon."""
 
 
-def bind() -> socket.socket:
+def bind(address: str = ADDRESS) -> socket.socket:
     """The listening socket; OSError(EADDRINUSE) if a daemon runs here."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
-        sock.bind(ADDRESS)
+        sock.bind(address)
         sock.listen(16)
     except OSError:
         sock.close()
@@ -47,32 +47,33 @@ def peer(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", data)
 
 
-def running_pid() -> int | None:
+def running_pid(address: str = ADDRESS) -> int | None:
     """The pid of the daemon of this namespace, or None if there is none."""
     try:
-        with _connect() as sock:
+        with _connect(address) as sock:
             return peer(sock)[0]
     except OSError:
         return None
 
 
-def _connect() -> socket.socket:
+def _connect(address: str = ADDRESS, timeout: float = CLIENT_TIMEOUT) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.settimeout(CLIENT_TIMEOUT)
+    sock.settimeout(timeout)
     try:
-        sock.connect(ADDRESS)
+        sock.connect(address)
     except OSError:
         sock.close()
         raise
     return sock
 
 
-def ask(op: str, **args) -> dict:
+def ask(op: str, *, address: str = ADDRESS, timeout: float = CLIENT_TIMEOUT, **args) -> dict:
     """Send one request and return the answer.  Raises ControlError when no
     daemon runs or it refused; callers that can do without the daemon catch
-    it and carry on."""
+    it and carry on.  (``address``: another daemon's socket, the sync
+    daemon's.)"""
     try:
-        with _connect() as sock:
+        with _connect(address, timeout) as sock:
             sock.send(json.dumps({"op": op, **args}).encode())
             data = _receive(sock)
     except OSError as exc:

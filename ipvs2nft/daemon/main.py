@@ -32,16 +32,16 @@ from ipvs2nft.daemon.estimator import TICK, Estimator
 from ipvs2nft.daemon.publish import Publisher, StaleGeneration
 from ipvs2nft.model import Table
 
-FOLLOW_EVERY = 0.2  # seconds between looks at the state file
-DIRECT_EVERY = 0.25  # seconds between reads of direct-routed flows (no events for them)
-TEMPLATE_EVERY = 1.0  # seconds between looks at persistence templates about to expire
-TEMPLATE_REARM = 60  # seconds: ip_vs_conn_expire re-arms a template that still controls connections
-DRIFT_EVERY = 5.0  # seconds between checks that our table is still there (the monitor's safety net)
-OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
-RESYNC_EVERY = 10.0  # seconds between full conntrack dumps (events are hints)
+# seconds between ...
+FOLLOW_EVERY = 0.2  # looks at the state file
+DIRECT_EVERY = 0.25  # reads of direct-routed flows (no events for them)
+TEMPLATE_EVERY = 1.0  # looks at persistence templates about to expire
+DRIFT_EVERY = 5.0  # checks that our table is still there (the monitor's safety net)
+RESYNC_EVERY = 10.0  # full conntrack dumps (events are hints)
 COALESCE = 0.002  # seconds the events of a burst are gathered before the choices are published
+TEMPLATE_REARM = 60  # seconds: ip_vs_conn_expire re-arms a template that still controls connections
 
-
+OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
 # conntrack's closing TCP states: FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE
 CLOSING = frozenset({4, 5, 6, 7, 8})
 
@@ -120,7 +120,7 @@ class Daemon:
         and nfnetlink.  A kernel without ctnetlink is a clear error."""
         from ipvs2nft.conntrack import Conntrack, ConntrackUnavailable, Events, counting_filter_program
         from ipvs2nft.nft.build import CT_MARK_OURS
-        from ipvs2nft.nft.nfnetlink import Nfnetlink
+        from ipvs2nft.nft.nfnetlink import Monitor, Nfnetlink
 
         try:
             self.events = Events(mark=CT_MARK_OURS, mask=CT_MARK_OURS, program=counting_filter_program)
@@ -129,8 +129,6 @@ class Daemon:
         except (ConntrackUnavailable, OSError) as exc:
             raise DaemonError(f"connection tracking is not available ({exc}): the daemon needs "
                               "nf_conntrack and its netlink interface (nf_conntrack_netlink)") from None
-        from ipvs2nft.nft.nfnetlink import Monitor
-
         self.nfnl = Nfnetlink()
         self.monitor = Monitor()  # before the first repair: no change can slip between
         self.publisher = Publisher(self.nfnl)
@@ -139,9 +137,9 @@ class Daemon:
         self.claim()
         try:
             self.open_kernel()
-            self.reload(repair=True)
+            self.reload(repair=True)  # primes what is published, writes what differs
             self.resync()
-            self.publish(force=True)
+            self.flush()
             self.tick()
             for ext in self.extensions:
                 await ext.start(self)
@@ -236,6 +234,7 @@ class Daemon:
         handle = self._handle()
         if repair or handle != self.table_handle:
             self.publisher.forget()  # the table was rebuilt: nothing we wrote is left
+            self.publisher.prime([s for s in self.table.services if dynsched.managed(s)])
             changed = {s.key for s in self.table.services}
         else:
             self.publisher.forget(changed)
@@ -487,11 +486,6 @@ class Daemon:
         if services:
             self._push(services)
 
-    def publish(self, force: bool = False) -> None:
-        if force:
-            self.publisher.forget()
-        self._push([s for s in self.table.services if dynsched.managed(s)])
-
     def _push(self, services) -> None:
         for _ in range(3):
             try:
@@ -560,6 +554,10 @@ class Daemon:
             return {"ok": True, "services": sum(1 for _ in self.table.services),
                     "connections": len(self.live.conns), **self.counters, "lag": _percentiles(self.lags),
                     "cpu": _cpu_seconds()}
+        if op == "lag":  # the lag samples so far, then start afresh (bench/daemon.py)
+            lag = _percentiles(self.lags)
+            self.lags.clear()
+            return {"ok": True, **lag}
         if op == "resync":  # a dump now; how far the counts were off
             self.resync()
             self.flush()

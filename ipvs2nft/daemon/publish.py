@@ -66,6 +66,42 @@ class Publisher:
             for key in keys:
                 self.published.pop(key, None)
 
+    def prime(self, services: list[Service]) -> None:
+        """Learn what the kernel holds for these managed services -- their
+        ``dyn`` entries and how far each numgen rule has counted -- in a few
+        dumps, so that start-up writes only what differs from what ipvsadm
+        (or an earlier daemon) left, not 10,000 services' maps."""
+        from ipvs2nft.nft.nfnetlink import counter_packets
+
+        wanted = {s.key: s for s in services if dynsched.managed(s) and s.sid}
+        if not wanted:
+            return
+        counts: dict = {}
+        values: dict = {}
+        for family, table, name in (("inet", "ipvs2nft", "dyn"), ("ip", "ipvs2nft", "ddyn"),
+                                    ("ip6", "ipvs2nft", "ddyn")):
+            try:
+                for chain, exprs in self.nfnl.table_rules(family, table):
+                    names = [n for n, _ in exprs]
+                    if "numgen" in names and "counter" in names:
+                        counts[(family, chain)] = counter_packets(exprs[names.index("counter")][1])
+                for e in self.nfnl.set_elements(family, table, name):
+                    if e.data is not None:
+                        slot = struct.unpack_from("=I", e.key)[0]
+                        values[(family, slot)] = struct.unpack_from("=I", e.data)[0]
+            except OSError:
+                continue
+        for key, svc in wanted.items():
+            family, _, name = _dyn_map(svc)
+            chain = direct.chain(svc) if direct.is_direct(svc) else build.svc_chain(svc)
+            k = dynsched.prediction_length(svc)
+            base = build.slot_base(svc)
+            dyn = [values.get((family, base + i)) for i in range(k)]
+            count = counts.get((family, chain))
+            if count is None or None in dyn:
+                continue  # not what we expect: written afresh by the first push
+            self.published[key] = Published(dyn, self._kernel_lbl(svc), count)
+
     # ------------------------------------------------------------ reading
     def position(self, svc: Service) -> int:
         """How many connections the service's numgen rule has scheduled

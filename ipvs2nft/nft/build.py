@@ -177,7 +177,7 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
         s(f"add set {TABLE} persist{fam} {{ type {addr} . mark; flags dynamic,timeout; "
           f"size {PERSIST_SIZE}; }}")
     s(f"add set {TABLE} gen {{ type mark; }}")
-    s(f"add map {TABLE} dyn {{ typeof numgen inc mod 2 : meta priority; flags dynamic; }}")
+    s(f"add map {TABLE} dyn {{ type classid : classid; flags dynamic; }}")
     for fam, addr in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
         s(f"add set {TABLE} lbl{fam} {{ type {addr} . mark; flags dynamic; size {LBL_SIZE}; }}")
         s(f"add set {TABLE} stat{fam} {{ type mark . ct_dir . {addr} . inet_service; flags dynamic; "
@@ -196,6 +196,14 @@ def skeleton(script: Script, timeouts: Timeouts, generation: int, snat: str = ""
               f"map @nat{fam}")
         s(f"add rule {TABLE} {chain} meta priority vmap @slots")
         s(f"add rule {TABLE} {chain} goto unreachable")
+        # managed services' numgen value -> the fixed slot of the predicted
+        # server.  Looked up here, by one rule per family, not in each
+        # service's chain: every element added to a map is checked against
+        # every rule that references it (nft_add_set_elem walks the set's
+        # bindings), and 10,000 referencing rules made a restore take 20 s.
+        s(f"add chain {TABLE} dyn{fam}")
+        s(f"add rule {TABLE} dyn{fam} meta priority set meta priority map @dyn goto {chain}")
+        s(f"add rule {TABLE} dyn{fam} goto unreachable")
     s(f"add chain {TABLE} dispatch")
     s(f"add rule {TABLE} dispatch meta nfproto ipv4 meta l4proto {{ tcp, udp, sctp }} meta mark vmap @fwm4")
     s(f"add rule {TABLE} dispatch meta nfproto ipv6 meta l4proto {{ tcp, udp, sctp }} meta mark vmap @fwm6")
@@ -323,7 +331,7 @@ def _timeout_rules(svc: Service, timeouts: Timeouts | None = None) -> list[str]:
 def _scheduler_rule(svc: Service, slots: sched.Slots) -> str:
     n, base, ip, fam = len(slots.table), slot_base(svc), _ip(svc), _fam(svc)
     if slots.dyn:
-        pick = f"numgen inc mod {len(slots.dyn)} offset {base} map @dyn"
+        pick = f"numgen inc mod {len(slots.dyn)} offset {base}"
     elif slots.random:
         pick = f"numgen random mod {n} offset {base}"
     elif slots.hash is None:
@@ -333,7 +341,7 @@ def _scheduler_rule(svc: Service, slots: sched.Slots) -> str:
         pick = f"jhash {keys[slots.hash]} mod {n} seed {svc.sid:#x} offset {base}"
     # the counter counts scheduling decisions: the back end reads it to keep
     # rr/wrr state in step with the kernel (see NftBackend.observe)
-    return f"counter meta priority set {pick} goto pick{fam}"
+    return f"counter meta priority set {pick} goto {'dyn' if slots.dyn else 'pick'}{fam}"
 
 
 def service_chain(script: Script, svc: Service, slots: sched.Slots,

@@ -114,7 +114,7 @@ def skeleton(script, timeouts: Timeouts) -> None:
         s(f"add map {t} dfwm {{ type mark : verdict; }}")
         s(f"add map {t} dslots {{ type classid : verdict; }}")
         # numgen value -> fixed slot, for services scheduled from live counts (build.py)
-        s(f"add map {t} ddyn {{ typeof numgen inc mod 2 : meta priority; flags dynamic; }}")
+        s(f"add map {t} ddyn {{ type classid : classid; flags dynamic; }}")
         s(f"add set {t} flows {{ type {addr} . inet_service . {addr} . inet_service . mark; "
           f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
         # IPVS's statistics of direct-routed and tunnelled servers, per rid:
@@ -131,6 +131,9 @@ def skeleton(script, timeouts: Timeouts) -> None:
         s(f"add chain {t} pick")
         s(f"add rule {t} pick meta priority vmap @dslots")
         s(f"add rule {t} pick goto unreachable")
+        s(f"add chain {t} dyn")  # as build.py's dyn4/dyn6: one rule references the map
+        s(f"add rule {t} dyn meta priority set meta priority map @ddyn goto pick")
+        s(f"add rule {t} dyn goto unreachable")
         # The director's own connections are scheduled on their way out
         # (IPVS: ip_vs_local_request at LOCAL_OUT), and not again when they
         # come back in through lo (a local real server).  The clones ``dup``
@@ -193,7 +196,8 @@ def service_rules(svc: Service, slots: sched.Slots, scheduler_rule: str) -> list
         rules += [f"{_client(svc)} . meta mark & 0x0 | {d.rid:#010x} @persist goto {rs_chain(d)}"
                   for d in svc.dests]
     if slots.table:
-        rules.append(scheduler_rule.replace(f"goto pick{fam}", "goto pick").replace("@dyn", "@ddyn"))
+        rule = scheduler_rule.replace(f"goto pick{fam}", "goto pick")
+        rules.append(rule.replace(f"goto dyn{fam}", "goto dyn"))
     else:
         rules.append("goto unreachable")
     return rules
