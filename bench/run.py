@@ -388,7 +388,7 @@ def phase_daemon(plan: Plan, workdir: Path, res: Results, netload: list[str]) ->
     out = daemon_bench.measure(workdir, netload, log, services=n, rounds=plan.daemon_rounds,
                                secs=plan.daemon_secs)
     res.goals += daemon_bench.goals(out)
-    lines = daemon_bench.summary(out)
+    lines = daemon_bench.summary(out) + daemon_bench.burst_lines(daemon_bench.burst_spread(log))
     res.sections.append("\n".join([f"## 6. The daemon under load ({n:,} services × 4 real servers, wlc)", "",
                                    *lines, ""]))
     res.console.append("daemon:\n" + "\n".join(lines))

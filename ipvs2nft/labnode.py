@@ -24,6 +24,7 @@ IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <linux/in.h>; Python 3.11 lacks
 class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = 256  # bursts of connections (bench/daemon.py); socketserver's default is 5
 
 
 class _TCP6(_TCP):
