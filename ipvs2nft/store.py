@@ -17,6 +17,13 @@ decodes only it and splices its new text back, so the cost of ``ipvsadm -a``
 does not grow with the size of the table beyond copying bytes (measured: a
 full decode of 10,000 services x 4 takes ~150 ms here, the splice a few ms).
 The final ``null`` keeps every service line framed the same way.
+
+Beside it, ``state.json.trash`` keeps the direct-routed and tunnelled real
+servers that were removed while their flows may still live (IPVS's "trash"
+of destinations, ip_vs_ctl.c): service, server, rid and until when.  A
+server added back to its service in that time gets its rid again (ids.py),
+so its flows go on.  The file is a hint: lost, a server added back is a new
+one and its old flows are dropped until they expire.
 """
 
 from __future__ import annotations
@@ -153,6 +160,7 @@ class Snapshot:
     partial: bool = False
     raw: bytes = b""
     header_only: bool = False  # no service was read: the table is about to be replaced as a whole
+    trash: dict | None = None  # prepare: the removed servers to keep (None: as they are)
 
 
 def _digest(body: bytes) -> str:
@@ -304,7 +312,7 @@ class Store:
             return Snapshot(Table(), header_only=True)
         head, _ = self._split(raw)
         return Snapshot(_table_from(head, [], self.path), head["generation"], head["next_rid"],
-                        header_only=True)
+                        raw=raw, header_only=True)
 
     def _or_fresh(self, read: Callable[[], Snapshot], empty: Snapshot) -> Snapshot:
         """``read()``, or ``empty`` with an unusable file set aside (renamed
@@ -382,8 +390,23 @@ class Store:
         partial ``old`` only the services it holds are rewritten.
         Nothing is written yet: the kernel transaction comes first.
         """
+        now = time.time()
+        removed = self._direct_servers(old)
+        trash, pruned = self.read_trash(now)
+        kept = {**trash, **removed}
+
+        def reuse(svc: Service, dest: Dest) -> int | None:
+            if dest.fwd not in _DIRECT:
+                return None
+            found = kept.get(_trash_key(svc, dest))
+            return found[0] if found is not None else None
+
         table, next_rid = ids.assign(table, old.next_rid,
-                                     lambda: _all_sids(old.raw) if old.partial else ())
+                                     lambda: _all_sids(old.raw) if old.partial else (), reuse)
+        in_use = {d.rid for svc in table.services for d in svc.dests}
+        retired = {k: (rid, now + life) for k, (rid, life) in removed.items() if rid not in in_use}
+        left = {k: v for k, v in trash.items() if v[0] not in in_use and k not in retired}
+        new_trash = {**left, **retired} if (retired or pruned or len(left) != len(trash)) else None
         generation = old.generation + 1
         if old.partial and old.raw:
             body = self._splice(old, table)
@@ -391,11 +414,70 @@ class Store:
             body = b"".join(_line(s) for s in table.services)
         body += _TRAILER
         data = _header(generation, next_rid, table, body) + body
-        return Snapshot(table, generation, next_rid, old.partial, data)
+        return Snapshot(table, generation, next_rid, old.partial, data, trash=new_trash)
+
+    # ------------------------------------------------------------ removed servers
+    @property
+    def trash_path(self) -> str:
+        return self.path + ".trash"
+
+    def read_trash(self, now: float) -> tuple[dict, bool]:
+        """The removed servers still kept: (service, af, address, port) ->
+        (rid, until); and whether the file holds more (expired or damaged
+        rows), which the next write leaves out.  An unreadable file is an
+        empty trash: it is a hint."""
+        try:
+            with open(self.trash_path, "rb") as f:
+                rows = json.loads(f.read()).get("servers", [])
+        except FileNotFoundError:
+            return {}, False
+        except (OSError, ValueError, AttributeError):
+            return {}, True
+        rows = rows if isinstance(rows, list) else [None]
+        out = {}
+        for row in rows:
+            if (type(row) is list and len(row) == 6 and tuple(map(type, row)) == _TRASH_TYPES
+                    and row[5] > now):
+                out[tuple(row[:4])] = (row[4], row[5])
+        return out, len(out) != len(rows)
+
+    def write_trash(self, prepared: Snapshot) -> None:
+        """Keep the removed servers ``prepare`` listed (after a commit)."""
+        if prepared.trash is None:
+            return
+        rows = [[*k, rid, until] for k, (rid, until) in sorted(prepared.trash.items())]
+        try:
+            if not rows:
+                os.unlink(self.trash_path)
+                return
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".trash-", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps({"schema": "ipvs2nft-trash/1", "servers": rows}).encode())
+            os.replace(tmp, self.trash_path)
+        except OSError:
+            pass  # only a hint: a server added back is then a new one
+
+    def _direct_servers(self, old: Snapshot) -> dict:
+        """The direct-routed and tunnelled servers of the services ``old``
+        holds (all of them for a restore, which read the header only):
+        trash key -> (rid, how long their flows and templates may live)."""
+        if old.header_only:
+            services = _direct_services(old.raw)
+        else:
+            services = [s for s in old.table.services if any(d.fwd in _DIRECT for d in s.dests)]
+        out = {}
+        for svc in services:
+            t = old.table.timeouts if old.table.timeouts.tcp else Timeouts()
+            life = max(t.tcp, t.tcpfin, t.udp, svc.timeout if svc.persistent else 0)
+            for d in svc.dests:
+                if d.fwd in _DIRECT and d.rid:
+                    out[_trash_key(svc, d)] = (d.rid, life)
+        return out
 
     def write(self, new: Snapshot) -> None:
         """Make ``new`` (from ``prepare``) the state file: stage, then publish."""
         self.publish(self.stage(new))
+        self.write_trash(new)
 
     def stage(self, new: Snapshot) -> str:
         """Write ``new`` next to the state file, durably, without making it
@@ -527,6 +609,29 @@ class Store:
             pos = end
         out.append(raw[pos:body_end])
         return b"".join(out)
+
+
+_DIRECT = (Forward.ROUTE, Forward.TUNNEL)
+_TRASH_TYPES = (str, int, str, int, int, float)
+
+
+def _trash_key(svc: Service, dest: Dest) -> tuple:
+    return (key_text(svc.key), dest.af, str(dest.addr), dest.port)
+
+
+def _direct_services(raw: bytes) -> list[Service]:
+    """The services of a state file's bytes that have a direct-routed or
+    tunnelled server (only their lines are decoded)."""
+    if not raw or (b'"route"' not in raw and b'"tunnel"' not in raw):
+        return []
+    out = []
+    for line in raw.split(b"\n")[1:]:
+        if line.startswith(b'["') and (b'"route"' in line or b'"tunnel"' in line):
+            try:
+                out.append(_service_of(json.loads(line[:-1])))
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue  # the digest was checked: not reached
+    return out
 
 
 def _find_line(raw: bytes, key: ServiceKey) -> tuple[int, int] | None:

@@ -124,6 +124,7 @@ class Session:
             raise
         faults.point("after-kernel")
         self.store.publish(staged)
+        self.store.write_trash(prepared)
         faults.point("after-store")
         self.store.record_genid(self.backend.ruleset_genid())
         if self.backend.checks:

@@ -80,8 +80,8 @@ MESSAGE_NAMES = {
 }
 
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
-NFTA_TABLE_NAME, NFTA_TABLE_HANDLE = 1, 4
-NFTA_CHAIN_NAME = 3
+NFTA_TABLE_NAME, NFTA_TABLE_USE, NFTA_TABLE_HANDLE = 1, 3, 4
+NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USE = 1, 2, 3, 6
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
 NFTA_SET_NAME = 2
 NFTA_OBJ_NAME = 2
@@ -338,21 +338,24 @@ def _element_attr(key: bytes, data: bytes | Verdict | None, timeout: int | None)
 
 
 class Batch:
-    """Element changes for one nf_tables transaction.
+    """Changes for one nf_tables transaction.
 
     ``add``/``delete`` queue elements of named sets and maps of table
     ``family``/``table`` (or another table per call); :meth:`Nfnetlink.commit`
     sends them as NFNL_MSG_BATCH_BEGIN, one NEWSETELEM/DELSETELEM message per
     run of same-kind changes to one set, NFNL_MSG_BATCH_END -- in order, so a
     delete followed by an add of the same key replaces a map value (an add
-    alone fails with EEXIST when the key exists with other data).
+    alone fails with EEXIST when the key exists with other data).  ``raw``
+    queues any other message (a chain, a rule, a flush: nft/wire.py makes
+    them) in the same order.
     """
 
     def __init__(self, family: str | int = "inet", table: str = "ipvs2nft") -> None:
         self.family = _family(family)
         self.table = table
-        # runs of (message type, family, table, set, [element attributes])
-        self._runs: list[tuple[int, int, str, str, list[bytes]]] = []
+        # runs of (message type, family, table, set, [element attributes], flags);
+        # a raw message is a run with table None, its set the description, its body the one element
+        self._runs: list[tuple[int, int, str | None, str, list[bytes], int]] = []
 
     def __len__(self) -> int:
         return sum(len(run[4]) for run in self._runs)
@@ -363,8 +366,22 @@ class Batch:
         if self._runs and self._runs[-1][:4] == where:
             self._runs[-1][4].append(element)
         else:
-            self._runs.append((*where, [element]))
+            self._runs.append((*where, [element], 0))
         return self
+
+    def raw(self, msg: int, body: bytes, what: str, *, family: str | int | None = None,
+            flags: int = 0) -> Batch:
+        """Queue one prepared message (its attributes after the nfgenmsg);
+        ``what`` names it in an error."""
+        family = self.family if family is None else _family(family)
+        self._runs.append((msg, family, None, what, [body], flags))
+        return self
+
+    def flush(self, set_name: str, *, family: str | int | None = None, table: str | None = None) -> Batch:
+        """Remove every element of a set or map (DELSETELEM without a list)."""
+        body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, table or self.table)
+                + attr_str(NFTA_SET_ELEM_LIST_SET, set_name))
+        return self.raw(NFT_MSG_DELSETELEM, body, f"flush {set_name}", family=family)
 
     def add(self, set_name: str, key: bytes, data: bytes | Verdict | None = None,
             timeout: int | None = None, *, family: str | int | None = None,
@@ -387,12 +404,16 @@ class Batch:
         attribute's 16-bit length, and a first message of one element --
         the echo it carries (below) repeats each of its elements."""
         first = True
-        for msg, family, table, set_name, elements in self._runs:
+        for msg, family, table, set_name, elements, flags in self._runs:
+            if table is None:
+                yield msg, family, table, set_name, elements, flags
+                first = False
+                continue
             if first:
-                yield msg, family, table, set_name, elements[:1]
+                yield msg, family, table, set_name, elements[:1], flags
                 elements, first = elements[1:], False
             for chunk in _chunks(elements):
-                yield msg, family, table, set_name, chunk
+                yield msg, family, table, set_name, chunk, flags
 
     def message_count(self) -> int:
         return sum(1 for _ in self._plan())
@@ -406,15 +427,21 @@ class Batch:
         6.18: the flag on BATCH_BEGIN itself is ignored)."""
         out, described = [], []
         flags = netlink.NLM_F_ECHO
-        for msg, family, table, set_name, chunk in self._plan():
-            create = netlink.NLM_F_CREATE if msg == NFT_MSG_NEWSETELEM else 0
-            body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
-                    + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *chunk))
+        message = netlink.message
+        for msg, family, table, set_name, chunk, extra in self._plan():
+            if table is None:
+                body = chunk[0]
+            else:
+                extra = netlink.NLM_F_CREATE if msg == NFT_MSG_NEWSETELEM else 0
+                body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
+                        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *chunk))
             seq += 1
-            out.append(netlink.message((NFNL_SUBSYS_NFTABLES << 8) | msg,
-                                       netlink.NLM_F_REQUEST | create | flags, seq, family, body))
-            described.append((seq, f"{MESSAGE_NAMES.get(msg, msg)} {FAMILY_NAME.get(family, family)} "
-                                   f"{table} {set_name}"))
+            out.append(message((NFNL_SUBSYS_NFTABLES << 8) | msg, netlink.NLM_F_REQUEST | extra | flags, seq,
+                               family, body))
+            if table is not None:
+                kind, fam = MESSAGE_NAMES.get(msg, msg), FAMILY_NAME.get(family, family)
+                set_name = f"{kind} {fam} {table} {set_name}"
+            described.append((seq, set_name))
             flags = 0
         return b"".join(out), described
 
@@ -465,6 +492,30 @@ class Nfnetlink(SocketOwner):
                 return None
             raise
         return None
+
+    def chains(self, family: str | int, table: str) -> list[tuple[str, int, int]]:
+        """(name, handle, use) of every chain of the table; ``use`` counts
+        the chain's rules and the rules and map elements that jump to it
+        (nf_tables_newrule and nft_data_hold take a reference each).  An
+        absent table has no chains."""
+        found = []
+        try:
+            answers = self._request(NFT_MSG_GETCHAIN, netlink.NLM_F_DUMP, _family(family),
+                                    attr_str(NFTA_CHAIN_TABLE, table))
+            for _, _, _, data, pos, end in answers:
+                name, handle, use = "", 0, 0
+                for kind, value in attrs(data, pos + 4, end):
+                    if kind == NFTA_CHAIN_NAME:
+                        name = text(value)
+                    elif kind == NFTA_CHAIN_HANDLE:
+                        handle = _BE64(value)[0]
+                    elif kind == NFTA_CHAIN_USE:
+                        use = _BE32(value)[0]
+                found.append((name, handle, use))
+        except NetlinkError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        return found
 
     def rules(self, family: str | int, table: str, chain: str) -> list[list[tuple[str, bytes]]]:
         """Each rule of the chain as its expressions: (name, attributes)."""
@@ -701,15 +752,23 @@ def _group(events: list[NftEvent], rest: list[NftEvent]) -> list[Transaction]:
 
 # ---------------------------------------------------------------- one per process
 
-_default: tuple[int, Nfnetlink] | None = None
+_default: tuple[tuple[int, int], Nfnetlink] | None = None
 
 
 def _shared() -> Nfnetlink:
     """This process's socket for the module-level functions (a forked child
-    gets its own: two processes reading one socket steal answers)."""
+    gets its own: two processes reading one socket steal answers; so does a
+    caller that moved to another network namespace, where the old socket
+    would still talk to the first one)."""
     global _default
-    if _default is None or _default[0] != os.getpid():
-        _default = (os.getpid(), Nfnetlink())
+    try:
+        where = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+    except OSError:
+        where = (os.getpid(), 0)
+    if _default is None or _default[0] != where:
+        if _default is not None and _default[0][0] == where[0]:
+            _default[1].close()
+        _default = (where, Nfnetlink())
     return _default[1]
 
 
