@@ -143,7 +143,34 @@ def _service_of(r: list) -> Service:
 
 
 def _line(svc: Service) -> bytes:
-    return json.dumps(_service_row(svc), separators=(",", ":")).encode() + b",\n"
+    """The service's line: json.dumps of its row, written out by hand where
+    every string is one json.dumps leaves as it is (ipvsadm-restore writes
+    10,000 lines); tests/test_store.py compares the two."""
+    sched, pe = svc.scheduler, svc.pe_name
+    if not (_PLAIN.fullmatch(sched) and (not pe or _PLAIN.fullmatch(pe))):
+        return json.dumps(_service_row(svc), separators=(",", ":")).encode() + b",\n"
+    texts = _TEXTS
+    dests = ",".join(
+        f'["{texts.get(d.addr) or _text(d.addr)}",{d.port},"{d.fwd.value}",{d.weight},{d.u_threshold},'
+        f'{d.l_threshold},{int(d.tun_type)},{d.tun_port},{d.tun_flags},{d.rid},{d.last_weight}]'
+        for d in svc.dests)
+    st = svc.sched
+    cl = "null" if st.cl is None else f'[{st.cl[0]},"{_text(st.cl[1])}",{st.cl[2]}]'
+    addr = "null" if svc.addr is None else f'"{texts.get(svc.addr) or _text(svc.addr)}"'
+    return (f'["{key_text(svc.key)}",{svc.sid},{svc.af},{svc.protocol},{addr},{svc.port},{svc.fwmark},'
+            f'"{sched}",{svc.flags},{svc.timeout},{svc.netmask},"{pe}",[{dests}],[{cl},{st.cw},{st.mw},{st.di}]]'
+            ",\n").encode()
+
+
+_PLAIN = re.compile(r"[a-z0-9_.-]*")  # a scheduler or engine name json.dumps writes as it is
+_TEXTS: dict = {}  # address -> its text: the same real servers recur in many services
+
+
+def _text(addr) -> str:
+    text = _TEXTS.get(addr)
+    if text is None:
+        text = _TEXTS[addr] = str(addr)
+    return text
 
 
 @dataclass(frozen=True)

@@ -97,12 +97,19 @@ class Session:
             self._commit(old, change(current))
 
     def _observe(self, table: Table, keys) -> Table:
-        """Bring the scheduler state of the touched services up to date, once."""
+        """Bring the scheduler state of the touched services up to date,
+        once.  A service this batch made (no sid yet) has nothing to read."""
         if keys is None:
             return table
-        found = (table.find(k) for k in keys if k not in self.observed)
-        fresh = [s for s in found if s is not None]
-        self.observed.update(s.key for s in fresh)
+        fresh = []
+        for key in keys:
+            if key in self.observed:
+                continue
+            svc = table.find(key)
+            if svc is not None:
+                self.observed.add(key)
+                if svc.sid:
+                    fresh.append(svc)
         return self.backend.observe(table, fresh) if fresh else table
 
     def _commit(self, old: Snapshot, new_table: Table) -> None:
@@ -315,18 +322,24 @@ def _restore(argv0: str, session: Session, lines: Iterable[list[str]], flush_fir
     """``-R`` of the lines' words (ipvsadm/restore.py splits them): each line
     like its own invocation; kernel and popt errors are reported and
     skipped, validation errors end the restore; the status is that of the
-    last line.  Committed as one transaction at the end."""
+    last line.  Committed as one transaction at the end.  The lines
+    ipvsadm-save writes take a short cut (ipvsadm/quick.py)."""
     from ipvs2nft import ipvs
+    from ipvs2nft.ipvsadm.quick import Lines
 
     session.check()
     with session.store.locked():
         session.begin_batch(replace_all=flush_first)
+        quick = Lines(session)
         try:
             if flush_first:
                 session.table = ipvs.flush(session.table)
             result = 0
             for words in lines:
                 if not words:
+                    continue
+                if quick.take(words):
+                    result = 0
                     continue
                 try:
                     result = run_line(words, argv0, session, None)
@@ -335,6 +348,7 @@ def _restore(argv0: str, session: Session, lines: Iterable[list[str]], flush_fir
                     result = 255
             return result
         finally:
+            quick.flush()
             session.end_batch()
 
 

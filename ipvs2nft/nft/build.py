@@ -304,8 +304,11 @@ def needs_chain(svc: Service, dest: Dest) -> bool:
     masquerading to a server of the service's family is done by the shared
     pick chains; persistence learning and the other forwarding methods are
     per server."""
-    if direct.is_direct(svc):
-        return False
+    return not direct.is_direct(svc) and own_chain(svc, dest)
+
+
+def own_chain(svc: Service, dest: Dest) -> bool:
+    """needs_chain of a service that is not direct (the caller knows)."""
     return svc.persistent or dest.af != svc.af or (bool(svc.fwmark) and dest.port != 0)
 
 

@@ -17,6 +17,7 @@ Tables with the SNAT option (``ct label``) are left to the text path
 from __future__ import annotations
 
 import socket
+import struct
 
 from ipvs2nft import dynsched, sched
 from ipvs2nft.model import Dest, Forward, Service, Table, Timeouts
@@ -29,6 +30,7 @@ from ipvs2nft.nft.nfnetlink import (
     NFT_MSG_NEWRULE,
     Batch,
     Verdict,
+    element,
 )
 from ipvs2nft.nft.wire import DYNSET_DELETE, DYNSET_UPDATE, NF_ACCEPT, NF_DROP, NFT_GOTO
 
@@ -52,7 +54,7 @@ class Writer:
 
     def __init__(self, batch: Batch | None = None) -> None:
         self.batch = batch if batch is not None else Batch(*INET)
-        self.pending: dict[tuple[str, str, str], list[tuple[bytes, bytes | Verdict | None]]] = {}
+        self.pending: dict[tuple[str, str, str], list[bytes]] = {}  # made elements per map
 
     def chain(self, where: tuple[str, str], name: str) -> None:
         self.batch.raw(NFT_MSG_NEWCHAIN, wire.chain_body(where[1], name), f"add chain {name}",
@@ -72,13 +74,15 @@ class Writer:
 
     def element(self, where: tuple[str, str], set_name: str, key: bytes,
                 data: bytes | Verdict | None) -> None:
-        self.pending.setdefault((*where, set_name), []).append((key, data))
+        found = self.pending.get((where[0], where[1], set_name))
+        if found is None:
+            found = self.pending[(where[0], where[1], set_name)] = []
+        found.append(element(key, data))
 
     def elements(self) -> None:
         """The collected elements, one run per map."""
-        for (family, table, set_name), items in self.pending.items():
-            for key, data in items:
-                self.batch.add(set_name, key, data, family=family, table=table)
+        for (family, table, set_name), made in self.pending.items():
+            self.batch.extend(set_name, made, family=family, table=table)
         self.pending = {}
 
     def delete_elements(self, where: tuple[str, str], set_name: str, keys: list[bytes]) -> None:
@@ -104,23 +108,27 @@ def _dispatch(svc: Service, direct_table: bool = False) -> tuple[str, bytes]:
     return ("dsvc" if direct_table else f"svc{fam}"), key + wire.pad(wire.port_bytes(svc.port))
 
 
-def _placement(svc: Service, dest: Dest) -> tuple[str, bytes | Verdict]:
+def _placement(svc: Service, dest: Dest, is_direct: bool) -> tuple[str, bytes | Verdict]:
     """(map, value) serving a slot of ``dest`` (build._placement)."""
-    if build.needs_chain(svc, dest):
+    if not is_direct and build.own_chain(svc, dest):
         return "slots", Verdict(GOTO, build.rs_chain(dest))
-    fam = _fam(svc)
+    nat = _NAT6 if svc.af == AF_INET6 else _NAT4
     if dest.port:
-        return f"nat{fam}", wire.pad(dest.addr.packed) + wire.pad(wire.port_bytes(dest.port))
-    return f"nat{fam}a", dest.addr.packed
+        return nat[0], dest.addr.packed + _PORT_PADDED(dest.port)
+    return nat[1], dest.addr.packed
 
 
-def _slot_elements(w: Writer, svc: Service, slots: sched.Slots) -> None:
+_NAT4, _NAT6 = ("nat4", "nat4a"), ("nat6", "nat6a")
+_PORT_PADDED = struct.Struct(">H2x").pack  # an inet_service field of a concatenation
+
+
+def _slot_elements(w: Writer, svc: Service, slots: sched.Slots, is_direct: bool) -> None:
     """build.slot_elements, into the inet maps."""
     base = build.slot_base(svc)
-    if direct.is_direct(svc):
+    if is_direct:
         for d in svc.dests:  # direct.inet_elements
             if d.fwd is Forward.MASQ:
-                name, data = _placement(svc, d)
+                name, data = _placement(svc, d, True)
             elif d.fwd is Forward.LOCAL:
                 name, data = "slots", Verdict(NF_ACCEPT)
             else:
@@ -135,15 +143,23 @@ def _slot_elements(w: Writer, svc: Service, slots: sched.Slots) -> None:
         if d is sched.PASS:
             w.element(INET, "slots", wire.u32(base + i), Verdict(NF_ACCEPT))
             continue
-        name, data = _placement(svc, d)
+        name, data = _placement(svc, d, False)
         w.element(INET, name, wire.u32(base + i), data)
+
+
+class _Keys(Writer):
+    """A writer that keeps the keys of the elements (to delete them)."""
+
+    def element(self, where: tuple[str, str], set_name: str, key: bytes,
+                data: bytes | Verdict | None) -> None:
+        self.pending.setdefault((*where, set_name), []).append(key)
 
 
 def _slot_keys(svc: Service, slots: sched.Slots) -> dict[str, list[bytes]]:
     """The keys _slot_elements writes, per inet map (to delete them)."""
-    w = Writer()
-    _slot_elements(w, svc, slots)
-    return {name: [key for key, _ in items] for (_, _, name), items in w.pending.items()}
+    w = _Keys()
+    _slot_elements(w, svc, slots, direct.is_direct(svc))
+    return {name: keys for (_, _, name), keys in w.pending.items()}
 
 
 # ---------------------------------------------------------------- inet rules
@@ -208,11 +224,12 @@ def _persisted(svc: Service, dest: Dest, set_name: str, inet: bool) -> bytes:
     return _client(svc, 1, inet) + rid + wire.lookup(set_name, 1)
 
 
-def service_chain(w: Writer, svc: Service, slots: sched.Slots, timeouts: Timeouts | None) -> None:
+def service_chain(w: Writer, svc: Service, slots: sched.Slots, timeouts: Timeouts | None,
+                  is_direct: bool) -> None:
     """build.service_chain."""
     chain, fam = build.svc_chain(svc), _fam(svc)
     pick = wire.jump(GOTO, f"pick{fam}")
-    if direct.is_direct(svc):
+    if is_direct:
         w.rule(INET, chain, _mark(svc))
         for rule in _timeouts(svc, timeouts):
             w.rule(INET, chain, rule)
@@ -411,17 +428,19 @@ def add_service(w: Writer, svc: Service, snat: str = "", timeouts: Timeouts | No
     """build.add_service (elements collected in the writer)."""
     timeouts = timeouts or Timeouts()
     slots = build.service_slots(svc, None, live)
+    is_direct = direct.is_direct(svc)
     for d in svc.dests:
-        if build.needs_chain(svc, d):
+        if not is_direct and build.own_chain(svc, d):
             w.chain(INET, build.rs_chain(d))
             for rule in rs_rules(svc, d, snat):
                 w.rule(INET, build.rs_chain(d), rule)
-    w.chain(INET, build.svc_chain(svc))
-    service_chain(w, svc, slots, timeouts)
-    _slot_elements(w, svc, slots)
+    chain = build.svc_chain(svc)
+    w.chain(INET, chain)
+    service_chain(w, svc, slots, timeouts, is_direct)
+    _slot_elements(w, svc, slots, is_direct)
     name, key = _dispatch(svc)
-    w.element(INET, name, key, Verdict(GOTO, build.svc_chain(svc)))
-    if direct.is_direct(svc):
+    w.element(INET, name, key, Verdict(GOTO, chain))
+    if is_direct:
         _direct_add(w, svc, slots, timeouts, absent)
 
 
@@ -458,8 +477,8 @@ def change_service(w: Writer, old: Service, new: Service, snat: str = "", timeou
             for rule in rs_rules(new, d, snat):
                 w.rule(INET, build.rs_chain(d), rule)
     slots = build.service_slots(new, None, live)
-    service_chain(w, new, slots, timeouts)
-    _slot_elements(w, new, slots)
+    service_chain(w, new, slots, timeouts, False)
+    _slot_elements(w, new, slots, False)
     w.elements()
     for rid, d in old_chains.items():
         if rid not in new_chains:
