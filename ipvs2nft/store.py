@@ -35,10 +35,8 @@ import math
 import os
 import re
 import stat
-import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,6 +54,9 @@ from ipvs2nft.model import (
     TunType,
 )
 from ipvs2nft.netaddr import PROTO_NAMES, address
+
+if False:  # typing.TYPE_CHECKING without importing typing
+    from collections.abc import Callable, Iterable, Iterator
 
 SCHEMA = "ipvs2nft-state/1"
 DEFAULT_PATH = "/run/ipvs2nft/state.json"
@@ -477,7 +478,7 @@ class Store:
             if not rows:
                 os.unlink(self.trash_path)
                 return
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".trash-", suffix=".tmp")
+            fd, tmp = _temporary(self.directory, ".trash-")
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps({"schema": "ipvs2nft-trash/1", "servers": rows}).encode())
             os.replace(tmp, self.trash_path)
@@ -515,8 +516,7 @@ class Store:
         self._ensure_directory()
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".state-{new.generation}-",
-                                       suffix=".tmp")
+            fd, tmp = _temporary(self.directory, f".state-{new.generation}-")
             with os.fdopen(fd, "wb") as f:
                 f.write(new.raw)
                 f.flush()
@@ -574,21 +574,27 @@ class Store:
     def seen_path(self) -> str:
         return self.path + ".genid"
 
-    def seen_genid(self) -> int | None:
-        """The kernel's ruleset generation id after our last commit or check."""
+    def seen(self) -> tuple[int | None, dict | None]:
+        """The kernel's ruleset generation id after our last commit or check,
+        and the fingerprint of our tables then (nft/fingerprint.py)."""
         try:
             with open(self.seen_path, encoding="ascii") as f:
-                return int(f.read().strip())
+                genid, _, rest = f.read().partition("\n")
+            return int(genid), (json.loads(rest) if rest.strip() else None)
         except (OSError, ValueError):
-            return None
+            return None, None
 
-    def record_genid(self, genid: int | None) -> None:
+    def seen_genid(self) -> int | None:
+        return self.seen()[0]
+
+    def record_genid(self, genid: int | None, fingerprint: dict | None = None) -> None:
         if genid is None:
             return
+        text = f"{genid}\n" + (json.dumps(fingerprint, separators=(",", ":")) + "\n" if fingerprint else "")
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".genid-", suffix=".tmp")
+            fd, tmp = _temporary(self.directory, ".genid-")
             with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(f"{genid}\n")
+                f.write(text)
             os.replace(tmp, self.seen_path)
         except OSError:
             pass  # only an optimisation: the next command verifies the table
@@ -636,6 +642,22 @@ class Store:
             pos = end
         out.append(raw[pos:body_end])
         return b"".join(out)
+
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _temporary(directory: str, prefix: str) -> tuple[int, str]:
+    """A new file ``<prefix><unique>.tmp`` in ``directory``, mode 0600, open
+    for writing: tempfile.mkstemp without importing tempfile (shutil,
+    random...: a few ms of every change)."""
+    for attempt in range(100):
+        path = os.path.join(directory, f"{prefix}{os.getpid()}x{time.monotonic_ns()}x{attempt}.tmp")
+        try:
+            return os.open(path, _NEW_FILE, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), directory)
 
 
 _DIRECT = (Forward.ROUTE, Forward.TUNNEL)

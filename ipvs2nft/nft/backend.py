@@ -13,7 +13,6 @@ skeleton first and then the services over netlink.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from ipvs2nft import host, notice, sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
-from ipvs2nft.nft import build, direct, netbuild, nfnetlink, scratch, tunnels
+from ipvs2nft.nft import build, direct, fingerprint, netbuild, nfnetlink, scratch, tunnels
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
@@ -38,6 +37,8 @@ class Nft:
             import nftables
         except ImportError:
             raise BackendError(MISSING_BINDING) from None
+        import ctypes
+
         try:
             # Load the library first: when the binding's own constructor fails
             # to, its __del__ prints a traceback on the half-made object.
@@ -171,15 +172,52 @@ class NftBackend(Backend):
 
     def _commit(self, change) -> bool:
         """One transaction (a netbuild batch, or nft text); False if the
-        kernel refused it -- our tables are not what the store says."""
+        kernel refused it -- our tables are not what the store says.  For a
+        batch that touched few chains, their states before it are kept, so
+        that ``seal`` brings the fingerprint up to date from them alone."""
+        touched = getattr(change, "touched", None)
+        before = None
+        if touched is not None and len(touched) <= fingerprint.MANY:
+            before = fingerprint.chains(_nfnl(), touched | set(fingerprint.JUMPED_TO))
         try:
             if isinstance(change, build.Script):
                 self.nft.run(change.text())
+                committed = None
             else:
-                _nfnl().commit(change)
+                committed = _nfnl().commit(change)
         except (BackendError, OSError):
             return False
+        self._committed = (committed, before)
         return True
+
+    # ------------------------------------------------------------ the fingerprint
+    _committed: tuple | None = None
+    _rebuilt = False
+
+    def fingerprint(self) -> dict | None:
+        return fingerprint.take(_nfnl())
+
+    def seal(self, verified: bool = False) -> tuple[int | None, dict | None]:
+        """The ruleset generation id and our tables' fingerprint after a
+        change of ours, to record.  After a rebuild or a verified repair
+        (``verified``) the tables are the store's: their fingerprint is read.
+        After a change, it is vouched for only if it follows from the last
+        one recorded and nobody else committed since; otherwise None, and
+        the next command whose generation id differs verifies."""
+        committed, before = self._committed or (None, None)
+        trusted = verified or self._rebuilt
+        self._committed, self._rebuilt = None, False
+        nfnl = _nfnl()
+        genid = self.ruleset_genid()
+        if trusted:
+            return genid, fingerprint.take(nfnl)
+        seen, recorded = self.store.seen()
+        ours_alone = seen is not None and genid == (seen + 1) & 0xFFFFFFFF and committed in (None, genid)
+        if recorded is None or not ours_alone:
+            return genid, None  # someone else committed too: the next command looks
+        if before is not None:
+            return genid, fingerprint.changed(nfnl, recorded, before, fingerprint.chains(nfnl, before))
+        return genid, fingerprint.take(nfnl)
 
     def _replace_all(self, old, new, chains: dict | None = None) -> bool:
         """build.replace_all in the tables the kernel holds; False when only
@@ -225,6 +263,7 @@ class NftBackend(Backend):
         skeleton first and the services over netlink (at 10,000 services
         several times faster than libnftables)."""
         tunnels.ensure(_tunnels(table))
+        self._rebuilt = True
         if _service_chains() is None and not table.snat:
             skeleton = Table([], table.timeouts, table.daemons, table.snat)
             self.nft.run(self.expected_script(skeleton, 0))
@@ -297,12 +336,13 @@ class NftBackend(Backend):
 
     # ------------------------------------------------------------ checking
     def generation(self) -> int | None:
-        data = self.nft.json(f"list set {build.TABLE} gen")
-        for item in (data or {}).get("nftables", []):
-            elems = item.get("set", {}).get("elem")
-            if elems:
-                return int(elems[0])
-        return None
+        """The store generation in our ``gen`` set (one element, host order),
+        read over netlink: libnftables would load its cache first."""
+        try:
+            found = _nfnl().set_elements("inet", "ipvs2nft", "gen")
+        except OSError:
+            return None
+        return int.from_bytes(found[0].key, sys.byteorder) if found else None
 
     def _our_tables(self) -> dict:
         """Our tables as nft lists them in JSON, and nothing else: a host

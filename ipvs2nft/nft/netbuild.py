@@ -55,25 +55,34 @@ class Writer:
     def __init__(self, batch: Batch | None = None) -> None:
         self.batch = batch if batch is not None else Batch(*INET)
         self.pending: dict[tuple[str, str, str], list[bytes]] = {}  # made elements per map
+        # (family, table, chain) of every chain the transaction makes, deletes,
+        # fills or adds a jump to (fingerprint.changed: whose use counts move)
+        self.touched: set[tuple[str, str, str]] = set()
 
     def chain(self, where: tuple[str, str], name: str) -> None:
+        self.touched.add((*where, name))
         self.batch.raw(NFT_MSG_NEWCHAIN, wire.chain_body(where[1], name), f"add chain {name}",
                        family=where[0], flags=NLM_F_CREATE)
 
     def rule(self, where: tuple[str, str], chain: str, exprs: bytes) -> None:
+        self.touched.add((*where, chain))
         self.batch.raw(NFT_MSG_NEWRULE, wire.rule_body(where[1], chain, exprs), f"add rule {chain}",
                        family=where[0], flags=NLM_F_CREATE | NLM_F_APPEND)
 
     def delete_chain(self, where: tuple[str, str], name: str) -> None:
+        self.touched.add((*where, name))
         self.batch.raw(NFT_MSG_DELCHAIN, wire.chain_body(where[1], name), f"delete chain {name}",
                        family=where[0])
 
     def flush_chain(self, where: tuple[str, str], name: str) -> None:
+        self.touched.add((*where, name))
         self.batch.raw(NFT_MSG_DELRULE, wire.flush_body(where[1], name), f"flush chain {name}",
                        family=where[0])
 
     def element(self, where: tuple[str, str], set_name: str, key: bytes,
                 data: bytes | Verdict | None) -> None:
+        if type(data) is Verdict and data.chain is not None:
+            self.touched.add((*where, data.chain))
         found = self.pending.get((where[0], where[1], set_name))
         if found is None:
             found = self.pending[(where[0], where[1], set_name)] = []
@@ -152,14 +161,18 @@ class _Keys(Writer):
 
     def element(self, where: tuple[str, str], set_name: str, key: bytes,
                 data: bytes | Verdict | None) -> None:
+        if type(data) is Verdict and data.chain is not None:
+            self.touched.add((*where, data.chain))
         self.pending.setdefault((*where, set_name), []).append(key)
 
 
-def _slot_keys(svc: Service, slots: sched.Slots) -> dict[str, list[bytes]]:
-    """The keys _slot_elements writes, per inet map (to delete them)."""
-    w = _Keys()
-    _slot_elements(w, svc, slots, direct.is_direct(svc))
-    return {name: keys for (_, _, name), keys in w.pending.items()}
+def _delete_slots(w: Writer, svc: Service, slots: sched.Slots) -> None:
+    """Delete the elements _slot_elements wrote (the chains they jump to are touched)."""
+    keys = _Keys()
+    _slot_elements(keys, svc, slots, direct.is_direct(svc))
+    w.touched |= keys.touched
+    for (_, _, name), found in keys.pending.items():
+        w.delete_elements(INET, name, found)
 
 
 # ---------------------------------------------------------------- inet rules
@@ -451,8 +464,7 @@ def remove_service(w: Writer, svc: Service) -> None:
         _direct_remove(w, svc, slots)
     name, key = _dispatch(svc)
     w.delete_elements(INET, name, [key])
-    for map_name, keys in _slot_keys(svc, slots).items():
-        w.delete_elements(INET, map_name, keys)
+    _delete_slots(w, svc, slots)
     w.delete_chain(INET, build.svc_chain(svc))
     for d in svc.dests:
         if build.needs_chain(svc, d):
@@ -464,8 +476,7 @@ def change_service(w: Writer, old: Service, new: Service, snat: str = "", timeou
     """build.change_service."""
     old_chains = {d.rid: d for d in old.dests if build.needs_chain(old, d)}
     new_chains = {d.rid: d for d in new.dests if build.needs_chain(new, d)}
-    for map_name, keys in _slot_keys(old, build.service_slots(old)).items():
-        w.delete_elements(INET, map_name, keys)
+    _delete_slots(w, old, build.service_slots(old))
     w.flush_chain(INET, build.svc_chain(new))
     for rid, d in new_chains.items():
         if rid not in old_chains:
@@ -507,6 +518,7 @@ def incremental(old: Table, new: Table, old_generation: int, generation: int,
             w.elements()
         else:
             change_service(w, before, svc, new.snat, new.timeouts, live)
+    w.batch.touched = w.touched
     return w.batch
 
 
