@@ -307,6 +307,10 @@ class LiveTable:
         """The loads of one service (Dest.key -> Load)."""
         return self.state.loads.get(key, {})
 
+    def services(self):
+        """The services the table follows."""
+        return self._by_key.values()
+
 
 def _reply_key(flow) -> tuple:
     """(af, address, port) of the real server: the reply tuple's source."""

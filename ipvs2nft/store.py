@@ -65,7 +65,7 @@ _TRAILER = b"null]}\n"
 
 
 def state_path() -> str:
-    return os.environ.get("IPVS2NFT_STATE") or DEFAULT_PATH
+    return os.environ.get("IPVS2NFT_STATE") or DEFAULT_PATH  # also daemon/mutate.py's client
 
 
 def lock_wait() -> float:

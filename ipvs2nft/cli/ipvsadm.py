@@ -56,10 +56,11 @@ class Session:
     commits once at the end, so the kernel sees one transaction.
     """
 
-    def __init__(self, store: Store, backend: Backend, batch: bool = False) -> None:
+    def __init__(self, store: Store, backend: Backend, batch: bool = False, in_daemon: bool = False) -> None:
         self.store = store
         self.backend = backend
         self.batch = batch
+        self.in_daemon = in_daemon  # the daemon carries the command out (daemon/mutate.py)
         self.out: list[str] = []
         self.snapshot: Snapshot | None = None  # batch: what was read
         self.table: Table | None = None  # batch: the table as the lines change it
@@ -136,11 +137,10 @@ class Session:
         self.store.write_trash(prepared)
         faults.point("after-store")
         self.store.record_genid(*self.backend.seal())
-        if self.backend.checks:
+        if self.backend.checks and not self.in_daemon:
             from ipvs2nft.daemon import control
 
             control.tell("changed")  # the daemon publishes its live choices for the new table now
-        if self.backend.checks:
             _warn_approximated(self.store, prepared.table)
 
     def check(self, reader: bool = False) -> None:
@@ -169,7 +169,7 @@ class Session:
             return  # an unusable state file: the command reports it (or -C starts afresh)
         if not staged and kernel_gen == head.generation and genid is not None:
             seen, recorded = self.store.seen()
-            if genid == seen or _daemon_watches():
+            if genid == seen or self.in_daemon or _daemon_watches():
                 return
             if recorded is not None and self.backend.fingerprint() == recorded:
                 self.store.record_genid(genid, recorded)  # a change elsewhere: ours are intact
@@ -428,18 +428,55 @@ def _finish(session: Session | None, status: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ipvsadm``."""
+    """``ipvsadm``: the daemon carries the call out when it runs and serves
+    it (daemon/mutate.py), else this process does (``serve``)."""
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)  # die quietly like C when piped to head
     argv = sys.argv[1:] if argv is None else argv
     argv0 = _argv0()
-    session = None
     try:
         _require_privilege()
+    except PermissionError as exc:
+        _stderr(_init_failure(exc).message)
+        return 2
+    if argv and argv[0] not in QUICK_ANSWERS:
+        from ipvs2nft.daemon import mutate
+
+        try:
+            done = mutate.ask(argv, argv0)
+        except mutate.NoAnswer as exc:
+            _stderr(f"ipvs2nft: the daemon took the command and did not answer ({exc})")
+            return 2
+        if done is not None:
+            status, out, err = done
+            _write(out, err)
+            return status
+    stdin = sys.stdin.buffer if sys.stdin else None
+    return serve(argv, argv0, _session, stdin)
+
+
+def _write(out: str, err: str) -> None:
+    try:
+        if out:
+            sys.stdout.write(out)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return
+    if err:
+        sys.stderr.write(err)
+        sys.stderr.flush()
+
+
+def serve(argv: list[str], argv0: str, new_session: Callable[[], Session], stdin) -> int:
+    """ipvsadm once its caller may administer the network: parse, carry
+    out, print; the exit status.  ``new_session`` makes the session (the
+    daemon's, in the daemon)."""
+    session = None
+    try:
         if not argv:
             from ipvs2nft import listing
             from ipvs2nft.ipvsadm.cmdline import Format
 
-            session = _session()
+            session = new_session()
             session.check(reader=True)
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
@@ -454,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         if text is not None:
             sys.stdout.write(text)
             return 0
-        session = _session()
-        stdin = sys.stdin.buffer if sys.stdin else None
+        session = new_session()
         status = run_command(cmd, argv0, session, stdin)
         return _finish(session, status)
     except Exit as exc:

@@ -393,22 +393,36 @@ class NftBackend(Backend):
             return False
 
 
+# Up to this many managed services, their connections are dumped service by
+# service (the kernel filters on the service's mark); more, in one dump of
+# all of ours.  Either way the cost follows the services a command touches,
+# not the size of the table: a -a at 10,000 wlc services reads one service's
+# connections.
+FEW = 16
+
+
 def _live(table: Table):
     """The live counts of the managed services among ``table`` (lc, wlc...
-    and thresholds), from a conntrack dump, so that what ipvsadm writes is
-    IPVS's next choice even when no daemon runs; None if there are none."""
+    and thresholds: those a command writes), from conntrack, so that what
+    ipvsadm writes is IPVS's next choice even when no daemon runs; None if
+    there are none."""
     from ipvs2nft import dynsched
 
-    if not any(dynsched.managed(s) for s in table.services):
+    managed = [s for s in table.services if dynsched.managed(s)]
+    if not managed:
         return None
     import time
 
     from ipvs2nft.conntable import LiveTable
-    from ipvs2nft.nft import readback
+    from ipvs2nft.conntrack import Conntrack
 
     conntable = LiveTable(table)
     try:
-        flows = readback.read_flows()
+        with Conntrack() as ct:
+            if len(managed) <= FEW and all(s.sid for s in managed):
+                flows = [f for s in managed for f in ct.dump(build.ct_mark(s), build.CT_MARK_MASK)]
+            else:
+                flows = ct.dump(build.CT_MARK_OURS, build.CT_MARK_OURS)
     except Exception:  # noqa: BLE001 - no conntrack here: choose as for no connections
         return None
     conntable.resync(flows, time.monotonic())
