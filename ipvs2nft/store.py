@@ -139,8 +139,15 @@ def _dest_of(r: list) -> Dest:
 
 def _service_of(r: list) -> Service:
     _check(r, _SERVICE_TYPES)
+    # _dest_of, written out: a store of 10,000 services has 40,000 of them
+    shape, fwd_of, tun_of, dests = _DEST_TYPES[0], _FORWARD_OF, _TUN_TYPE_OF, []
+    for d in r[12]:
+        if type(d) is not list or tuple(map(type, d)) != shape:
+            raise TypeError(f"a row of the wrong shape: {d!r:.80}")
+        dests.append(Dest(address(d[0]), d[1], fwd_of[d[2]], d[3], d[4], d[5], tun_of[d[6]], d[7], d[8],
+                          d[9], d[10]))
     return Service(r[2], r[3], None if r[4] is None else address(r[4]), r[5], r[6], r[7], r[8], r[9],
-                   r[10], r[11], tuple(_dest_of(d) for d in r[12]), r[1], _sched_of(r[13]))
+                   r[10], r[11], tuple(dests), r[1], _sched_of(r[13]))
 
 
 def _line(svc: Service) -> bytes:

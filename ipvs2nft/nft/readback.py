@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ipvs2nft.netaddr import address
@@ -332,17 +332,25 @@ class Measured:
     ``conntable``: the connection table built from a conntrack dump
     (ActiveConn/InActConn); ``persist``: templates per rid (PersistConn);
     ``stats``: per service and real server the five counters and, when the
-    daemon answered, the five rates (``daemon`` rows)."""
+    daemon answered, the five rates (``daemon`` rows).  ``counts`` may be
+    a function: it is called (once) when a listing first asks for them, as
+    only ``--stats`` and ``--rate`` do."""
 
-    def __init__(self, conntable, persist: dict[int, int], counts: KernelCounts,
+    def __init__(self, conntable, persist: dict[int, int], counts: KernelCounts | Callable[[], KernelCounts],
                  daemon: dict | None = None) -> None:
         self.conntable = conntable
         self.persist = persist
-        self.counts = counts
+        self._counts = counts
         self.daemon = daemon
         # the loads of the services that have connections, by sid: a listing
         # asks for every real server, mostly of services with none
         self.loads = {svc.sid: conntable.counts(svc.key) for svc in conntable.services()}
+
+    @property
+    def counts(self) -> KernelCounts:
+        if callable(self._counts):
+            self._counts = self._counts()
+        return self._counts
 
     def service(self, svc):
         from ipvs2nft.listing import Stats
@@ -359,6 +367,12 @@ class Measured:
             row = self.daemon["dests"].get(dest_tag(svc.sid, dest.key))
             return Stats(*row) if row else Stats()
         return Stats(*self.counts.dest(svc.sid, dest.key))
+
+    def idle(self, svc):
+        if self.loads.get(svc.sid):
+            return False
+        persist = self.persist
+        return not persist or not any(d.rid in persist for d in svc.dests)
 
     def conns(self, svc, dest):
         from ipvs2nft.listing import DestConns
@@ -396,7 +410,7 @@ def measured(table, daemon_stats: dict | None = None) -> Measured:
         persist: dict[int, int] = {}
         for t in read_templates(nfnl):
             persist[t.rid] = persist.get(t.rid, 0) + 1
-        counts = read_counts(nfnl, table) if daemon_stats is None else KernelCounts()
+    counts = (lambda: read_counts(None, table)) if daemon_stats is None else KernelCounts()
     return Measured(conntable, persist, counts, daemon_stats)
 
 
