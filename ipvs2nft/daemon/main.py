@@ -301,7 +301,7 @@ class Daemon:
         from ipvs2nft import host
         from ipvs2nft.cli.ipvsadm import _session
 
-        host.local_broadcasts.cache_clear()
+        host.forget()
         _session().mutate(keys, change)
         self.reload()
 
