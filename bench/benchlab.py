@@ -49,9 +49,27 @@ def tmpfs() -> str | None:
     return next((d for d in ("/run", "/dev/shm") if mounts.get(d) == "tmpfs"), None)
 
 
-def open_lab(stack: ExitStack, tag: str, servers: int, server_cmd: list[str] | None = None) -> BenchLab:
-    """A built lab whose removal is registered on ``stack``; its own state directory."""
-    state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ipvs2nft-bench-", dir=tmpfs())))
+def disk() -> tuple[str, str]:
+    """(directory, file system) for state files on a disk rather than tmpfs:
+    the system temporary directory if it is on one, else this project's."""
+    mounts = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mounts.append((fields[1], fields[2]))
+    for candidate in (tempfile.gettempdir(), str(HERE.parent)):
+        where = max((m for m in mounts if candidate == m[0] or candidate.startswith(m[0].rstrip("/") + "/")),
+                    key=lambda m: len(m[0]))
+        if where[1] not in ("tmpfs", "ramfs"):
+            return candidate, where[1]
+    return tempfile.gettempdir(), "tmpfs"
+
+
+def open_lab(stack: ExitStack, tag: str, servers: int, server_cmd: list[str] | None = None,
+             state_in: str | None = None) -> BenchLab:
+    """A built lab whose removal is registered on ``stack``; its own state
+    directory (on tmpfs unless ``state_in`` names where)."""
+    where = state_in or tmpfs()
+    state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ipvs2nft-bench-", dir=where)))
     lab = BenchLab(unique_prefix(tag), servers=servers, state_dir=state, server_cmd=server_cmd or [])
     stack.enter_context(lab)
     # Wide tuple space for the client: every connection must be new to conntrack.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import rulesets
-from benchlab import BIN, Runner, open_lab
+from benchlab import BIN, Runner, disk, open_lab
 
 NEW_RS = "192.168.100.200"  # the real server goal 3 adds (and removes again)
 PYTHON = "/usr/bin/python3"  # what the venv's python is made from
@@ -67,18 +67,26 @@ def interleave(steps: list[Step], rounds: int) -> None:
             step.once()
 
 
-def _rules_file(workdir: Path, kind: str, n: int) -> Path:
-    path = workdir / f"{kind}-{n}.rules"
+def _rules_file(workdir: Path, kind: str, n: int, scheduler: str = "rr") -> Path:
+    path = workdir / f"{kind}-{scheduler}-{n}.rules"
     if not path.exists():
-        path.write_text(rulesets.ipvsadm_rules(n) if kind == "ipvsadm" else rulesets.iptables_rules(n))
+        path.write_text(rulesets.ipvsadm_rules(n, scheduler=scheduler) if kind == "ipvsadm"
+                        else rulesets.iptables_rules(n))
     return path
 
 
-def _loaded_runner(stack: ExitStack, tag: str, n: int, workdir: Path) -> Runner:
+def _loaded_runner(stack: ExitStack, tag: str, n: int, workdir: Path, scheduler: str = "rr",
+                   state_in: str | None = None) -> Runner:
     """A director holding our table of ``n`` services (loaded with ipvsadm-restore)."""
-    runner = Runner(stack, open_lab(stack, tag, servers=0))
-    runner.ipvsadm([], prog="ipvsadm-restore", stdin=_rules_file(workdir, "ipvsadm", n))
+    runner = Runner(stack, open_lab(stack, tag, servers=0, state_in=state_in))
+    runner.ipvsadm([], prog="ipvsadm-restore", stdin=_rules_file(workdir, "ipvsadm", n, scheduler))
     return runner
+
+
+def with_daemon(stack: ExitStack, runner: Runner) -> None:
+    """``ipvs2nft daemon`` in the runner's director: ipvsadm hands it its changes."""
+    daemon = runner.lab.daemon()
+    stack.callback(daemon.stop)
 
 
 # ---------------------------------------------------------------- goal 5: start-up
@@ -158,28 +166,69 @@ def add_args(n: int) -> tuple[list[str], list[str]]:
     return (["-a", "-t", svc, "-r", f"{NEW_RS}:80", "-m"], ["-d", "-t", svc, "-r", f"{NEW_RS}:80"])
 
 
+DAEMON = " (daemon)"  # series of ipvsadm calls carried out by a running daemon
+WLC = ", wlc"  # of calls on a table of wlc services (ipvsadm's default: each -a reads live counts)
+
+
 def add(stack: ExitStack, sizes: tuple[int, int], workdir: Path,
-        rounds: int) -> tuple[dict[str, Series], dict[int, Runner]]:
+        rounds: int) -> tuple[dict[str, Series], dict[str, Runner]]:
     """``ipvsadm -a`` of a fifth real server to the last service (``ipvsadm -d`` after it,
     untimed) against ``nft add element`` of the equivalent slot into the nat map (deleted
-    after it, untimed), on tables of each size.  Returns the series and our runner per size."""
+    after it, untimed), on tables of each size; ipvsadm in-process and with a daemon
+    running (which then carries the change out), and on a wlc table of the larger size.
+    Returns the series and our runner per series name."""
     nft = shutil.which("nft") or "nft"
     out, steps, runners = {}, [], {}
+
+    def ours(name: str, runner: Runner, n: int) -> None:
+        series = out[name] = Series(name)
+        runners[name] = runner
+        do, undo = add_args(n)
+        steps.append(Step(series, runner, [str(BIN / "ipvsadm"), *do],
+                          after=lambda: runner.ipvsadm(undo)))
+
     for n in sizes:
-        ours = runners[n] = _loaded_runner(stack, "aO", n, workdir)
+        ours(f"ipvsadm -a @{n}", _loaded_runner(stack, "aO", n, workdir), n)
+        served = _loaded_runner(stack, "aD", n, workdir)
+        with_daemon(stack, served)
+        ours(f"ipvsadm -a @{n}{DAEMON}", served, n)
         bare = _loaded_runner(stack, "aN", n, workdir)
         slot = f"{_sid(bare, n):x}:{rulesets.SERVERS:x}"  # classid major:minor = sid:slot (build.py)
-        a, b = Series(f"ipvsadm -a @{n}"), Series(f"nft add element @{n}")
-        out.update({a.name: a, b.name: b})
-        do, undo = add_args(n)
-        steps.append(Step(a, ours, [str(BIN / "ipvsadm"), *do],
-                          after=lambda ours=ours, undo=undo: ours.ipvsadm(undo)))
+        b = out[f"nft add element @{n}"] = Series(f"nft add element @{n}")
         steps.append(Step(b, bare, [nft, "add", "element", "inet", "ipvs2nft", "nat4",
                                     f"{{ {slot} : {NEW_RS} . 80 }}"],
                           after=lambda bare=bare, slot=slot: bare.run(
                               [nft, "delete", "element", "inet", "ipvs2nft", "nat4", f"{{ {slot} }}"])))
+    big = sizes[-1]
+    ours(f"ipvsadm -a @{big}{WLC}", _loaded_runner(stack, "aW", big, workdir, scheduler="wlc"), big)
     interleave(steps, rounds)
     return out, runners
+
+
+# ---------------------------------------------------------------- goal 6: a foreign change elsewhere
+
+FOREIGN = " after a foreign change"
+# someone else's table, made, given a chain and a rule, and deleted: the generation moves, ours stay
+FOREIGN_CHANGE = ("add table inet bench_foreign; add chain inet bench_foreign c; "
+                  "add rule inet bench_foreign c counter; delete table inet bench_foreign")
+
+
+def foreign_change(runner: Runner) -> None:
+    runner.run([shutil.which("nft") or "nft", FOREIGN_CHANGE])
+
+
+def foreign(stack: ExitStack, n: int, workdir: Path, rounds: int) -> tuple[dict[str, Series], Runner]:
+    """``ipvsadm -a`` (``-d`` after it, untimed) right after someone else changed the
+    ruleset outside our tables (a table of theirs made and deleted, untimed) against the
+    same call with no change in between; no daemon (it would follow the change itself)."""
+    runner = _loaded_runner(stack, "fO", n, workdir)
+    do, undo = add_args(n)
+    quiet, after = Series(f"ipvsadm -a @{n}"), Series(f"ipvsadm -a @{n}{FOREIGN}")
+    steps = [Step(quiet, runner, [str(BIN / "ipvsadm"), *do], after=lambda: runner.ipvsadm(undo)),
+             Step(after, runner, [str(BIN / "ipvsadm"), *do], before=lambda: foreign_change(runner),
+                  after=lambda: runner.ipvsadm(undo))]
+    interleave(steps, rounds)
+    return {quiet.name: quiet, after.name: after}, runner
 
 
 # ---------------------------------------------------------------- goal 4: listings
@@ -187,9 +236,18 @@ def add(stack: ExitStack, sizes: tuple[int, int], workdir: Path,
 LISTINGS = ("-L -n", "-S -n")
 
 
-def listing(stack: ExitStack, n: int, workdir: Path, rounds: int) -> tuple[dict[str, Series], Runner]:
-    """``ipvsadm -L -n`` and ``-S -n`` of a table of n services (output read through a pipe)."""
-    runner = _loaded_runner(stack, "lO", n, workdir)
-    out = {k: Series(f"ipvsadm {k} @{n}") for k in LISTINGS}
-    interleave([Step(s, runner, [str(BIN / "ipvsadm"), *k.split()]) for k, s in out.items()], rounds)
-    return out, runner
+def listing(stack: ExitStack, n: int, workdir: Path, rounds: int) -> tuple[dict[str, Series], Runner, str]:
+    """``ipvsadm -L -n`` and ``-S -n`` of a table of n services (output read through a
+    pipe), the state file on a disk (the goal) and on tmpfs.  Returns the series (keyed
+    by flags, and flags + " (tmpfs)"), the disk runner and the disk's file system."""
+    where, fs = disk()
+    on_disk = _loaded_runner(stack, "lD", n, workdir, state_in=where)
+    in_memory = _loaded_runner(stack, "lO", n, workdir)
+    out, steps = {}, []
+    for key, runner, label in [(k, on_disk, f" (state on {fs})") for k in LISTINGS] + [
+            (f"{k} (tmpfs)", in_memory, " (state on tmpfs)") for k in LISTINGS]:
+        flags = key.split(" (")[0]
+        out[key] = Series(f"ipvsadm {flags} @{n}{label}")
+        steps.append(Step(out[key], runner, [str(BIN / "ipvsadm"), *flags.split()]))
+    interleave(steps, rounds)
+    return out, on_disk, fs

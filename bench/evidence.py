@@ -31,8 +31,23 @@ def cprofile(runner: Runner, prog: str, args: list[str], workdir: Path, stdin: P
     stats = pstats.Stats(str(out))
     head = (f"cProfile of `{prog}{''.join(' ' + a for a in args)}`{' < the rules file' if stdin else ''} "
             f"(wall {answer['wall']:.3f} s under the profiler, {stats.total_tt:.3f} s profiled).")
+    return _both(head, stats)
+
+
+def _both(head: str, stats: pstats.Stats) -> str:
     return (f"{head}  By cumulative time:\n\n```\n{_listing(stats, 'cumulative', TOP)}\n```\n\n"
             f"By own time:\n\n```\n{_listing(stats, 'tottime', TOP // 2)}\n```\n")
+
+
+def daemon_side(runner: Runner, do: list[str], undo: list[str], workdir: Path) -> str:
+    """cProfile of what the daemon does for ``ipvsadm do`` (bench/profserve.py)."""
+    out = workdir / f"profile-daemon-{len(list(workdir.glob('profile-*')))}.prof"
+    answer = runner.run([sys.executable, str(HERE / "profserve.py"), str(out), *do, "--", *undo], check=False)
+    if not out.exists():
+        return f"(no profile: {answer['err'].strip()})"
+    stats = pstats.Stats(str(out))
+    return _both(f"cProfile of the daemon's side of `ipvsadm {' '.join(do)}` (daemon/mutate.carry_out, "
+                 f"warm, {stats.total_tt:.3f} s profiled).", stats)
 
 
 # the wrappers every profile starts with: they say nothing about the command

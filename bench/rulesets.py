@@ -24,12 +24,12 @@ def port(i: int) -> int:
     return BASE_PORT + i
 
 
-def ipvsadm_rules(n: int, servers: int = SERVERS) -> str:
+def ipvsadm_rules(n: int, servers: int = SERVERS, scheduler: str = "rr") -> str:
     """What ``ipvsadm-save -n`` would print for the table (the input of ipvsadm-restore)."""
     lines = []
     for i in range(n):
         svc = f"-t {VIP}:{port(i)}"
-        lines.append(f"-A {svc} -s rr")
+        lines.append(f"-A {svc} -s {scheduler}")
         lines += [f"-a {svc} -r {real_server(j)}:80 -m -w 1" for j in range(servers)]
     return "\n".join(lines) + "\n"
 

@@ -40,6 +40,16 @@ class Backend:
         """The kernel's nftables ruleset generation id (changes with any commit)."""
         return None
 
+    def fingerprint(self) -> dict | None:
+        """A fingerprint of our kernel tables (nft/fingerprint.py), None if
+        there is none to take."""
+        return None
+
+    def seal(self, verified: bool = False) -> tuple[int | None, dict | None]:
+        """(ruleset generation id, fingerprint) to record after a change of
+        ours or a repair (``verified``)."""
+        return None, None
+
     def verify(self, snapshot) -> bool:
         """True if our kernel tables are exactly what ``snapshot`` describes."""
         return True

@@ -355,6 +355,10 @@ class LiveTable:
         """The loads of one service (Dest.key -> Load)."""
         return self.state.loads.get(key, {})
 
+    def services(self):
+        """The services the table follows."""
+        return self._by_key.values()
+
 
 def _resolve(svc: Service, key: tuple) -> tuple:
     """A reply source names the server (af, addr, port); a server given

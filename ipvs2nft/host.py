@@ -70,14 +70,17 @@ def _fib_trie() -> tuple[tuple[str, int, str], ...]:
     return tuple(found)
 
 
+@functools.lru_cache(maxsize=1)
 def local_broadcasts() -> frozenset[str]:
-    """Broadcast entries of the local routing table (/32 BROADCAST)."""
+    """Broadcast entries of the local routing table (/32 BROADCAST), once
+    per process like the table they come from."""
     return frozenset(addr for addr, plen, kind in _fib_trie() if plen == 32 and kind == "BROADCAST")
 
 
 def forget() -> None:
     """Read the routing table afresh next time (after changing namespace)."""
     _fib_trie.cache_clear()
+    local_broadcasts.cache_clear()
 
 
 def is_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -47,11 +47,11 @@ EINVAL_TEXT = "Invalid operation.  Possibly wrong module version, address not un
 ERANGE_TEXT = os.strerror(34)  # "Numerical result out of range"
 ENODEV_TEXT = os.strerror(19)  # "No such device"
 
-def _with_dests(svc: Service, dests: tuple[Dest, ...], state=None) -> Service:
-    """svc with other real servers (and scheduler state): a positional copy,
-    several times cheaper than dataclasses.replace on a -R of 40,000 lines."""
+def _with_dests(svc: Service, dests: tuple[Dest, ...], state=None, sid: int | None = None) -> Service:
+    """svc with other real servers (and scheduler state, sid): a positional
+    copy, several times cheaper than dataclasses.replace on a -R of 40,000 lines."""
     return Service(svc.af, svc.protocol, svc.addr, svc.port, svc.fwmark, svc.scheduler, svc.flags,
-                   svc.timeout, svc.netmask, svc.pe_name, dests, svc.sid,
+                   svc.timeout, svc.netmask, svc.pe_name, dests, svc.sid if sid is None else sid,
                    svc.sched if state is None else state, svc.plan)
 
 
@@ -72,8 +72,8 @@ def add_service(table: Table, svc: Service) -> Table:
     if table.find(svc.key) is not None:
         raise KernelError(SERVICE_EXISTS)
     _check_scheduler(svc)
-    new = replace(svc, dests=(), sid=0)
-    table.put(replace(new, sched=sched.on_init(new)))
+    new = _with_dests(svc, (), sid=0)
+    table.put(_with_dests(new, (), sched.on_init(new), sid=0))
     return table
 
 
@@ -148,7 +148,7 @@ def add_dest(table: Table, key: ServiceKey, dest: Dest) -> Table:
     if dest.rid or dest.last_weight != dest.weight:
         dest = replace(dest, rid=0, last_weight=dest.weight)
     dests = (dest,) + svc.dests
-    state = sched.on_add(_with_dests(svc, dests), svc.sched)
+    state = sched.on_add(_with_dests(svc, dests), svc.sched) if svc.scheduler == "wrr" else svc.sched
     return _put(table, _with_dests(svc, dests, state))
 
 

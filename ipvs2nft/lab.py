@@ -243,12 +243,13 @@ class Lab:
                                "net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.br0.rp_filter=0 "
                                "net.ipv4.conf.default.rp_filter=0")
 
-    def session(self, host: str, port: int) -> LabSession:
-        """A long-lived connection from the client (see labnode.session)."""
+    def session(self, host: str, port: int, timeout: float = 5.0) -> LabSession:
+        """A long-lived connection from the client (see labnode.session);
+        ``timeout``: how long an echo is waited for."""
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         p = subprocess.Popen(["ip", "netns", "exec", self.client, sys.executable, "-m", "ipvs2nft.labnode",
-                              "session", host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env=env)
+                              "session", host, str(port), "--timeout", str(timeout)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
         self.procs.append(p)
         return LabSession(p, json.loads(p.stdout.readline())["backend"])
 
@@ -309,10 +310,22 @@ class LabSession:
     proc: subprocess.Popen
     backend: str
 
+    error: str | None = None  # why the last echo did not come ("timed out": dropped; a reset...)
+
     def echo(self, text: str = "ping") -> str | None:
-        self.proc.stdin.write(text + "\n")
+        return self._ask(text)
+
+    def wait(self, seconds: float) -> str | None:
+        """The echo still owed for a line sent earlier, waited for up to
+        ``seconds`` (TCP sends a dropped segment again)."""
+        return self._ask(f"!wait {seconds}")
+
+    def _ask(self, line: str) -> str | None:
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline()).get("echo")
+        answer = json.loads(self.proc.stdout.readline())
+        self.error = answer.get("error")
+        return answer.get("echo")
 
     def close(self) -> None:
         self.proc.stdin.close()

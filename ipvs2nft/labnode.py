@@ -147,20 +147,49 @@ def _one(family, host, port, proto, timeout, src, sport) -> str | None:
         return data.decode().strip() or None
 
 
+class _Lines:
+    """Lines from a socket, read with a deadline; a timeout loses nothing
+    (unlike a socket file's readline), so a later read still gets the line
+    that was late."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def read(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode().strip()
+
+
 def session(host: str, port: int, timeout: float) -> None:
     """One long-lived TCP connection: print the server's name, then for each
     line on stdin send it and print the echo (or the error) -- to show an
-    established connection still works after the table changed."""
+    established connection still works after the table changed.  A line
+    ``!wait SECONDS`` sends nothing and waits that long for an echo still
+    owed (a segment that was dropped and is sent again)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect((host, port))
-        reader = s.makefile("rb")
-        print(json.dumps({"backend": reader.readline().decode().strip()}), flush=True)
+        lines = _Lines(s)
+        print(json.dumps({"backend": lines.read(timeout)}), flush=True)
         for line in sys.stdin:
             try:
-                s.sendall(line.encode())
-                echo = reader.readline().decode().strip()
+                if line.startswith("!wait "):
+                    echo = lines.read(float(line.split()[1]))
+                else:
+                    s.sendall(line.encode())
+                    echo = lines.read(timeout)
                 print(json.dumps({"echo": echo or None}), flush=True)
             except OSError as exc:
                 print(json.dumps({"echo": None, "error": exc.strerror or str(exc)}), flush=True)

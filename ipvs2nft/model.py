@@ -49,12 +49,16 @@ class Forward(enum.Enum):
 
     @property
     def listing_name(self) -> str:
-        return {"masq": "Masq", "route": "Route", "tunnel": "Tunnel", "local": "Local"}[self.value]
+        return _LISTING_NAMES[self.value]
 
     @property
     def switch(self) -> str:
         # ipvsadm.c fwd_switch(): LOCALNODE saves as -g
-        return {"masq": "-m", "route": "-g", "tunnel": "-i", "local": "-g"}[self.value]
+        return _SWITCHES[self.value]
+
+
+_LISTING_NAMES = {"masq": "Masq", "route": "Route", "tunnel": "Tunnel", "local": "Local"}
+_SWITCHES = {"masq": "-m", "route": "-g", "tunnel": "-i", "local": "-g"}
 
 
 class TunType(enum.IntEnum):

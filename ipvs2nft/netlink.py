@@ -21,14 +21,15 @@ nfnetlink are big-endian.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import gc
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
-from typing import Self
+
+if False:  # typing.TYPE_CHECKING without importing typing (every ipvsadm change comes here)
+    from collections.abc import Iterable, Iterator
+    from typing import Self
 
 NETLINK_NETFILTER = 12  # <linux/netlink.h>
 SOL_NETLINK = 270  # <linux/socket.h>
@@ -226,6 +227,8 @@ class NetlinkSocket:
     def attach_filter(self, program: list[tuple[int, int, int, int]]) -> None:
         """Attach a classic BPF program (``struct sock_filter`` tuples: code,
         jt, jf, k); the kernel copies it (SO_ATTACH_FILTER, socket(7))."""
+        import ctypes
+
         code = b"".join(_BPF.pack(*insn) for insn in program)
         buf = ctypes.create_string_buffer(code, len(code))
         fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))  # struct sock_fprog

@@ -298,6 +298,8 @@ def _sequence_table(svc: Service, st: SchedState) -> tuple[tuple[Dest | None, ..
     replays.  The picks are periodic from the first one (the kernel's first
     pass after a change is the tail of its cycle), which the tests check
     against recorded IPVS sequences."""
+    if _kind(svc) == "rr":
+        return _rr_table(svc.dests, st), False
     period = _period(svc)
     if not period:
         return (), False
@@ -305,6 +307,14 @@ def _sequence_table(svc: Service, st: SchedState) -> tuple[tuple[Dest | None, ..
         return _scaled_table(svc), True
     picks, _, _ = trajectory(svc, st, period)
     return tuple(picks[:period]), False
+
+
+def _rr_table(dests: tuple[Dest, ...], st: SchedState) -> tuple[Dest, ...]:
+    """rr's period in closed form (what ``trajectory`` walks pick by pick,
+    10,000 times in a restore): the available servers in list order,
+    starting after the pointer and wrapping round."""
+    start = _index(dests, st.cl) + 1
+    return tuple(d for d in dests[start:] + dests[:start] if d.weight > 0)
 
 
 def _scaled_table(svc: Service) -> tuple[Dest | None, ...]:

@@ -17,6 +17,13 @@ decodes only it and splices its new text back, so the cost of ``ipvsadm -a``
 does not grow with the size of the table beyond copying bytes (measured: a
 full decode of 10,000 services x 4 takes ~150 ms here, the splice a few ms).
 The final ``null`` keeps every service line framed the same way.
+
+Beside it, ``state.json.trash`` keeps the direct-routed and tunnelled real
+servers that were removed while their flows may still live (IPVS's "trash"
+of destinations, ip_vs_ctl.c): service, server, rid and until when.  A
+server added back to its service in that time gets its rid again (ids.py),
+so its flows go on.  The file is a hint: lost, a server added back is a new
+one and its old flows are dropped until they expire.
 """
 
 from __future__ import annotations
@@ -28,10 +35,8 @@ import math
 import os
 import re
 import stat
-import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,6 +55,9 @@ from ipvs2nft.model import (
 )
 from ipvs2nft.netaddr import PROTO_NAMES, address
 
+if False:  # typing.TYPE_CHECKING without importing typing
+    from collections.abc import Callable, Iterable, Iterator
+
 SCHEMA = "ipvs2nft-state/1"
 DEFAULT_PATH = "/run/ipvs2nft/state.json"
 DEFAULT_LOCK_WAIT = 10.0  # seconds, like a generous ``iptables -w``
@@ -57,7 +65,7 @@ _TRAILER = b"null]}\n"
 
 
 def state_path() -> str:
-    return os.environ.get("IPVS2NFT_STATE") or DEFAULT_PATH
+    return os.environ.get("IPVS2NFT_STATE") or DEFAULT_PATH  # also daemon/mutate.py's client
 
 
 def lock_wait() -> float:
@@ -131,12 +139,46 @@ def _dest_of(r: list) -> Dest:
 
 def _service_of(r: list) -> Service:
     _check(r, _SERVICE_TYPES)
+    # _dest_of, written out: a store of 10,000 services has 40,000 of them
+    shape, fwd_of, tun_of, dests = _DEST_TYPES[0], _FORWARD_OF, _TUN_TYPE_OF, []
+    for d in r[12]:
+        if type(d) is not list or tuple(map(type, d)) != shape:
+            raise TypeError(f"a row of the wrong shape: {d!r:.80}")
+        dests.append(Dest(address(d[0]), d[1], fwd_of[d[2]], d[3], d[4], d[5], tun_of[d[6]], d[7], d[8],
+                          d[9], d[10]))
     return Service(r[2], r[3], None if r[4] is None else address(r[4]), r[5], r[6], r[7], r[8], r[9],
-                   r[10], r[11], tuple(_dest_of(d) for d in r[12]), r[1], _sched_of(r[13]))
+                   r[10], r[11], tuple(dests), r[1], _sched_of(r[13]))
 
 
 def _line(svc: Service) -> bytes:
-    return json.dumps(_service_row(svc), separators=(",", ":")).encode() + b",\n"
+    """The service's line: json.dumps of its row, written out by hand where
+    every string is one json.dumps leaves as it is (ipvsadm-restore writes
+    10,000 lines); tests/test_store.py compares the two."""
+    sched, pe = svc.scheduler, svc.pe_name
+    if not (_PLAIN.fullmatch(sched) and (not pe or _PLAIN.fullmatch(pe))):
+        return json.dumps(_service_row(svc), separators=(",", ":")).encode() + b",\n"
+    texts = _TEXTS
+    dests = ",".join(
+        f'["{texts.get(d.addr) or _text(d.addr)}",{d.port},"{d.fwd.value}",{d.weight},{d.u_threshold},'
+        f'{d.l_threshold},{int(d.tun_type)},{d.tun_port},{d.tun_flags},{d.rid},{d.last_weight}]'
+        for d in svc.dests)
+    st = svc.sched
+    cl = "null" if st.cl is None else f'[{st.cl[0]},"{_text(st.cl[1])}",{st.cl[2]}]'
+    addr = "null" if svc.addr is None else f'"{texts.get(svc.addr) or _text(svc.addr)}"'
+    return (f'["{key_text(svc.key)}",{svc.sid},{svc.af},{svc.protocol},{addr},{svc.port},{svc.fwmark},'
+            f'"{sched}",{svc.flags},{svc.timeout},{svc.netmask},"{pe}",[{dests}],[{cl},{st.cw},{st.mw},{st.di}]]'
+            ",\n").encode()
+
+
+_PLAIN = re.compile(r"[a-z0-9_.-]*")  # a scheduler or engine name json.dumps writes as it is
+_TEXTS: dict = {}  # address -> its text: the same real servers recur in many services
+
+
+def _text(addr) -> str:
+    text = _TEXTS.get(addr)
+    if text is None:
+        text = _TEXTS[addr] = str(addr)
+    return text
 
 
 @dataclass(frozen=True)
@@ -153,6 +195,7 @@ class Snapshot:
     partial: bool = False
     raw: bytes = b""
     header_only: bool = False  # no service was read: the table is about to be replaced as a whole
+    trash: dict | None = None  # prepare: the removed servers to keep (None: as they are)
 
 
 def _digest(body: bytes) -> str:
@@ -304,7 +347,7 @@ class Store:
             return Snapshot(Table(), header_only=True)
         head, _ = self._split(raw)
         return Snapshot(_table_from(head, [], self.path), head["generation"], head["next_rid"],
-                        header_only=True)
+                        raw=raw, header_only=True)
 
     def _or_fresh(self, read: Callable[[], Snapshot], empty: Snapshot) -> Snapshot:
         """``read()``, or ``empty`` with an unusable file set aside (renamed
@@ -382,8 +425,23 @@ class Store:
         partial ``old`` only the services it holds are rewritten.
         Nothing is written yet: the kernel transaction comes first.
         """
+        now = time.time()
+        removed = self._direct_servers(old)
+        trash, pruned = self.read_trash(now)
+        kept = {**trash, **removed}
+
+        def reuse(svc: Service, dest: Dest) -> int | None:
+            if dest.fwd not in _DIRECT:
+                return None
+            found = kept.get(_trash_key(svc, dest))
+            return found[0] if found is not None else None
+
         table, next_rid = ids.assign(table, old.next_rid,
-                                     lambda: _all_sids(old.raw) if old.partial else ())
+                                     lambda: _all_sids(old.raw) if old.partial else (), reuse)
+        in_use = {d.rid for svc in table.services for d in svc.dests}
+        retired = {k: (rid, now + life) for k, (rid, life) in removed.items() if rid not in in_use}
+        left = {k: v for k, v in trash.items() if v[0] not in in_use and k not in retired}
+        new_trash = {**left, **retired} if (retired or pruned or len(left) != len(trash)) else None
         generation = old.generation + 1
         if old.partial and old.raw:
             body = self._splice(old, table)
@@ -391,11 +449,70 @@ class Store:
             body = b"".join(_line(s) for s in table.services)
         body += _TRAILER
         data = _header(generation, next_rid, table, body) + body
-        return Snapshot(table, generation, next_rid, old.partial, data)
+        return Snapshot(table, generation, next_rid, old.partial, data, trash=new_trash)
+
+    # ------------------------------------------------------------ removed servers
+    @property
+    def trash_path(self) -> str:
+        return self.path + ".trash"
+
+    def read_trash(self, now: float) -> tuple[dict, bool]:
+        """The removed servers still kept: (service, af, address, port) ->
+        (rid, until); and whether the file holds more (expired or damaged
+        rows), which the next write leaves out.  An unreadable file is an
+        empty trash: it is a hint."""
+        try:
+            with open(self.trash_path, "rb") as f:
+                rows = json.loads(f.read()).get("servers", [])
+        except FileNotFoundError:
+            return {}, False
+        except (OSError, ValueError, AttributeError):
+            return {}, True
+        rows = rows if isinstance(rows, list) else [None]
+        out = {}
+        for row in rows:
+            if (type(row) is list and len(row) == 6 and tuple(map(type, row)) == _TRASH_TYPES
+                    and row[5] > now):
+                out[tuple(row[:4])] = (row[4], row[5])
+        return out, len(out) != len(rows)
+
+    def write_trash(self, prepared: Snapshot) -> None:
+        """Keep the removed servers ``prepare`` listed (after a commit)."""
+        if prepared.trash is None:
+            return
+        rows = [[*k, rid, until] for k, (rid, until) in sorted(prepared.trash.items())]
+        try:
+            if not rows:
+                os.unlink(self.trash_path)
+                return
+            fd, tmp = _temporary(self.directory, ".trash-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps({"schema": "ipvs2nft-trash/1", "servers": rows}).encode())
+            os.replace(tmp, self.trash_path)
+        except OSError:
+            pass  # only a hint: a server added back is then a new one
+
+    def _direct_servers(self, old: Snapshot) -> dict:
+        """The direct-routed and tunnelled servers of the services ``old``
+        holds (all of them for a restore, which read the header only):
+        trash key -> (rid, how long their flows and templates may live)."""
+        if old.header_only:
+            services = _direct_services(old.raw)
+        else:
+            services = [s for s in old.table.services if any(d.fwd in _DIRECT for d in s.dests)]
+        out = {}
+        for svc in services:
+            t = old.table.timeouts if old.table.timeouts.tcp else Timeouts()
+            life = max(t.tcp, t.tcpfin, t.udp, svc.timeout if svc.persistent else 0)
+            for d in svc.dests:
+                if d.fwd in _DIRECT and d.rid:
+                    out[_trash_key(svc, d)] = (d.rid, life)
+        return out
 
     def write(self, new: Snapshot) -> None:
         """Make ``new`` (from ``prepare``) the state file: stage, then publish."""
         self.publish(self.stage(new))
+        self.write_trash(new)
 
     def stage(self, new: Snapshot) -> str:
         """Write ``new`` next to the state file, durably, without making it
@@ -406,8 +523,7 @@ class Store:
         self._ensure_directory()
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".state-{new.generation}-",
-                                       suffix=".tmp")
+            fd, tmp = _temporary(self.directory, f".state-{new.generation}-")
             with os.fdopen(fd, "wb") as f:
                 f.write(new.raw)
                 f.flush()
@@ -465,21 +581,27 @@ class Store:
     def seen_path(self) -> str:
         return self.path + ".genid"
 
-    def seen_genid(self) -> int | None:
-        """The kernel's ruleset generation id after our last commit or check."""
+    def seen(self) -> tuple[int | None, dict | None]:
+        """The kernel's ruleset generation id after our last commit or check,
+        and the fingerprint of our tables then (nft/fingerprint.py)."""
         try:
             with open(self.seen_path, encoding="ascii") as f:
-                return int(f.read().strip())
+                genid, _, rest = f.read().partition("\n")
+            return int(genid), (json.loads(rest) if rest.strip() else None)
         except (OSError, ValueError):
-            return None
+            return None, None
 
-    def record_genid(self, genid: int | None) -> None:
+    def seen_genid(self) -> int | None:
+        return self.seen()[0]
+
+    def record_genid(self, genid: int | None, fingerprint: dict | None = None) -> None:
         if genid is None:
             return
+        text = f"{genid}\n" + (json.dumps(fingerprint, separators=(",", ":")) + "\n" if fingerprint else "")
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".genid-", suffix=".tmp")
+            fd, tmp = _temporary(self.directory, ".genid-")
             with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(f"{genid}\n")
+                f.write(text)
             os.replace(tmp, self.seen_path)
         except OSError:
             pass  # only an optimisation: the next command verifies the table
@@ -527,6 +649,45 @@ class Store:
             pos = end
         out.append(raw[pos:body_end])
         return b"".join(out)
+
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _temporary(directory: str, prefix: str) -> tuple[int, str]:
+    """A new file ``<prefix><unique>.tmp`` in ``directory``, mode 0600, open
+    for writing: tempfile.mkstemp without importing tempfile (shutil,
+    random...: a few ms of every change)."""
+    for attempt in range(100):
+        path = os.path.join(directory, f"{prefix}{os.getpid()}x{time.monotonic_ns()}x{attempt}.tmp")
+        try:
+            return os.open(path, _NEW_FILE, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), directory)
+
+
+_DIRECT = (Forward.ROUTE, Forward.TUNNEL)
+_TRASH_TYPES = (str, int, str, int, int, float)
+
+
+def _trash_key(svc: Service, dest: Dest) -> tuple:
+    return (key_text(svc.key), dest.af, str(dest.addr), dest.port)
+
+
+def _direct_services(raw: bytes) -> list[Service]:
+    """The services of a state file's bytes that have a direct-routed or
+    tunnelled server (only their lines are decoded)."""
+    if not raw or (b'"route"' not in raw and b'"tunnel"' not in raw):
+        return []
+    out = []
+    for line in raw.split(b"\n")[1:]:
+        if line.startswith(b'["') and (b'"route"' in line or b'"tunnel"' in line):
+            try:
+                out.append(_service_of(json.loads(line[:-1])))
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue  # the digest was checked: not reached
+    return out
 
 
 def _find_line(raw: bytes, key: ServiceKey) -> tuple[int, int] | None:

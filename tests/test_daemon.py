@@ -319,6 +319,27 @@ def test_foreign_flush_is_repaired_with_the_live_choices(lab):
         daemon.stop()
 
 
+def test_a_value_replaced_by_hand_is_repaired(lab):
+    """An element's value replaced under its key (a slot sent to another
+    server) is what ipvsadm's fingerprint cannot see; the daemon sees the
+    transaction touch our table and repairs it."""
+    lab.ipvsadm(f"-A -t {VIP4}:80 -s rr")
+    lab.ipvsadm(f"-a -t {VIP4}:80 -r {rs4(0)}:80 -m")
+    daemon = lab.daemon()
+    try:
+        slots = ("list", "map", "inet", "ipvs2nft", "nat4")
+        key = 65536  # the first slot of sid 1 (build.slot_base)
+        lab.ns(lab.director, "nft", f"delete element inet ipvs2nft nat4 {{ {key} }}; "
+                             f"add element inet ipvs2nft nat4 {{ {key} : {rs4(1)} . 80 }}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and rs4(1) in lab.nft(*slots):
+            time.sleep(0.1)
+        assert rs4(1) not in lab.nft(*slots) and rs4(0) in lab.nft(*slots)
+        assert lab.backends(VIP4, 80, 2) == [rs4(0)] * 2
+    finally:
+        daemon.stop()
+
+
 def test_hand_edit_inside_our_table_is_repaired(lab):
     """A rule added by hand inside our table (here one that drops every
     new connection) is noticed through nftables' notifications and the

@@ -104,3 +104,24 @@ def test_slot_table_is_the_sequence(name):
             assert got == expected, f"line {rec['line']}: {got} != {expected}"
             st = sched.advance(svc, svc.sched, len(expected))
             table.put(replace(svc, sched=st))
+
+
+def test_rr_closed_form_is_the_walk():
+    """rr's slot table is computed in closed form (a restore computes
+    10,000); it must be the period that picking one by one walks, from any
+    pointer, with any servers quiesced."""
+    import random
+
+    from ipvs2nft.model import Dest, SchedState, Service
+    from ipvs2nft.netaddr import address
+
+    rng = random.Random(5)
+    for _ in range(2000):
+        dests = tuple(Dest(address(f"10.0.0.{i}"), 80, weight=rng.choice([0, 1, 1, 3]))
+                      for i in rng.sample(range(1, 9), rng.randint(1, 6)))
+        pointer = rng.choice([None, *(d.key for d in dests), (2, address("10.9.9.9"), 80)])
+        svc = Service(scheduler="rr", dests=dests)
+        st = SchedState(cl=pointer)
+        period = sched._period(svc)
+        walked = tuple(sched.trajectory(svc, st, period)[0][:period]) if period else ()
+        assert sched.slots(svc, st).table == walked, (dests, pointer)

@@ -9,11 +9,10 @@ the kernel in one transaction, and only then writes the store.
 
 from __future__ import annotations
 
+import _signal
+import gc
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from ipvs2nft.errors import (
     Exit,
@@ -27,26 +26,29 @@ from ipvs2nft.errors import (
     UsageError,
     internal_error,
 )
-from ipvs2nft.ipvsadm import cmdline
-from ipvs2nft.ipvsadm.cmdline import Command, Format
 from ipvs2nft.ipvsadm.options import VERSION_LINE
 from ipvs2nft.privilege import may_administer_network
 
-# The table's machinery (store, IPVS rules, listings, nftables) is imported
-# where it is first needed, so that -h, -v and parse errors start as fast
-# as the interpreter allows.
+# The parser and the table's machinery (store, IPVS rules, listings,
+# nftables) are imported where they are first needed, so that -h and -v
+# start as fast as the interpreter allows: no dataclasses, enum, signal or
+# collections module on their way (bench/RESULTS.md, section 5).
 if False:  # typing.TYPE_CHECKING without importing typing (1.5 ms of start-up)
+    from collections.abc import Callable, Iterable
+
     from ipvs2nft.backend import Backend
+    from ipvs2nft.ipvsadm.cmdline import Command
     from ipvs2nft.model import Table
     from ipvs2nft.store import Snapshot, Store
 
+    Mutation = Callable[[Table], Table]
+
 INIT_FAILURE = ("Can't initialize ipvs: {reason}\n"
                 "Are you sure that IP Virtual Server is built in the kernel or as module?")
+# argv that can only mean -h or -v: answered before the parser is imported
+QUICK_ANSWERS = {"-h": "help", "--help": "help", "-v": "version", "--version": "version"}
 
-Mutation = Callable[["Table"], "Table"]
 
-
-@dataclass
 class Session:
     """One ipvsadm process's view of the table.
 
@@ -55,14 +57,16 @@ class Session:
     commits once at the end, so the kernel sees one transaction.
     """
 
-    store: Store
-    backend: Backend
-    batch: bool = False
-    out: list[str] = field(default_factory=list)
-    snapshot: Snapshot | None = None  # batch: what was read
-    table: Table | None = None  # batch: the table as the lines change it
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-    observed: set = field(default_factory=set)  # services whose scheduler state was read
+    def __init__(self, store: Store, backend: Backend, batch: bool = False, in_daemon: bool = False) -> None:
+        self.store = store
+        self.backend = backend
+        self.batch = batch
+        self.in_daemon = in_daemon  # the daemon carries the command out (daemon/mutate.py)
+        self.out: list[str] = []
+        self.snapshot: Snapshot | None = None  # batch: what was read
+        self.table: Table | None = None  # batch: the table as the lines change it
+        self.after_commit: list[Callable[[], None]] = []
+        self.observed: set = set()  # services whose scheduler state was read
 
     # ---------------------------------------------------------- reading
     def full_table(self) -> Table:
@@ -97,12 +101,19 @@ class Session:
             self._commit(old, change(current))
 
     def _observe(self, table: Table, keys) -> Table:
-        """Bring the scheduler state of the touched services up to date, once."""
+        """Bring the scheduler state of the touched services up to date,
+        once.  A service this batch made (no sid yet) has nothing to read."""
         if keys is None:
             return table
-        found = (table.find(k) for k in keys if k not in self.observed)
-        fresh = [s for s in found if s is not None]
-        self.observed.update(s.key for s in fresh)
+        fresh = []
+        for key in keys:
+            if key in self.observed:
+                continue
+            svc = table.find(key)
+            if svc is not None:
+                self.observed.add(key)
+                if svc.sid:
+                    fresh.append(svc)
         return self.backend.observe(table, fresh) if fresh else table
 
     def _commit(self, old: Snapshot, new_table: Table) -> None:
@@ -133,24 +144,26 @@ class Session:
             raise
         faults.point("after-kernel")
         self.store.publish(staged)
+        self.store.write_trash(prepared)
         faults.point("after-store")
-        self.store.record_genid(self.backend.ruleset_genid())
-        if self.backend.checks:
+        self.store.record_genid(*self.backend.seal())
+        if self.backend.checks and not self.in_daemon:
             from ipvs2nft.daemon import control
 
             control.tell("changed")  # the daemon publishes its live choices for the new table now
-        if self.backend.checks:
             _warn_approximated(self.store, prepared.table)
 
     def check(self, reader: bool = False) -> None:
         """Before any command: the kernel must do what the store says.
 
         Cheap when all is well (the kernel's generation element and the
-        ruleset's generation id, one netlink round trip each).  Otherwise,
-        under the lock: publish a state file a crashed command staged for
-        the kernel's generation, drop other staged files, and rebuild our
-        tables from the store if they still differ -- also after a hand edit
-        inside them, which a changed ruleset id makes us look for.
+        ruleset's generation id, one netlink round trip each).  When only the
+        ruleset id moved -- someone committed something, anywhere -- our
+        tables' fingerprint (nft/fingerprint.py, a few milliseconds) tells a
+        change elsewhere from a hand on ours.  Otherwise, under the lock:
+        publish a state file a crashed command staged for the kernel's
+        generation, drop other staged files, and rebuild our tables from the
+        store if they still differ (also after a hand edit inside them).
 
         A ``reader`` (``-L``, ``-S``) does not queue behind the writers: when
         the lock is taken it answers from the store, which is the truth the
@@ -168,9 +181,13 @@ class Session:
             from ipvs2nft import sync
 
             sync.ensure(head.table, self.store)
-        if not staged and kernel_gen == head.generation and genid is not None \
-                and (genid == self.store.seen_genid() or _daemon_watches()):
-            return
+        if not staged and kernel_gen == head.generation and genid is not None:
+            seen, recorded = self.store.seen()
+            if genid == seen or self.in_daemon or _daemon_watches():
+                return
+            if recorded is not None and self.backend.fingerprint() == recorded:
+                self.store.record_genid(genid, recorded)  # a change elsewhere: ours are intact
+                return
         try:
             with self.store.locked(wait=0 if reader else None):
                 self._repair()
@@ -190,7 +207,7 @@ class Session:
             return  # no state yet: nothing of ours should be in the kernel
         if kernel_gen != current.generation or not self.backend.verify(current):
             self.backend.rebuild(current.table, current.generation)
-        self.store.record_genid(self.backend.ruleset_genid())
+        self.store.record_genid(*self.backend.seal(verified=True))
 
     def begin_batch(self, replace_all: bool = False) -> None:
         """``replace_all`` (ipvsadm-restore): the table is flushed first, so
@@ -281,12 +298,14 @@ def _zero(cmd: Command, session: Session) -> None:
 
 def execute(cmd: Command, session: Session) -> None:
     """Carry out one parsed command; raises on failure."""
-    from ipvs2nft import listing
     from ipvs2nft.ipvsadm.apply import mutation
 
     if cmd.name == "list":
         _list(cmd, session)
     elif cmd.name == "save":
+        from ipvs2nft import listing
+        from ipvs2nft.ipvsadm.cmdline import Format
+
         session.out.append(listing.list_all(session.full_table(), Format(numeric=cmd.fmt.numeric),
                                             rule=True))
     elif cmd.name == "zero":
@@ -300,11 +319,15 @@ def execute(cmd: Command, session: Session) -> None:
 
 def _help_or_version(cmd: Command, argv0: str) -> str | None:
     """What ``-h`` or ``-v`` prints (they need no table), else None."""
-    if cmd.name == "help":
+    return _answer(cmd.name, argv0)
+
+
+def _answer(name: str, argv0: str) -> str | None:
+    if name == "help":
         from ipvs2nft.ipvsadm.help import usage
 
         return usage(argv0)
-    if cmd.name == "version":
+    if name == "version":
         return VERSION_LINE + "\n"
     return None
 
@@ -312,6 +335,8 @@ def _help_or_version(cmd: Command, argv0: str) -> str | None:
 def run_line(argv: list[str], argv0: str, session: Session, stdin) -> int:
     """One ipvsadm invocation (or one -R line).  Returns the exit status of a
     line that failed in a way -R survives; raises on the fatal ones."""
+    from ipvs2nft.ipvsadm import cmdline
+
     return run_command(cmdline.parse(argv, argv0), argv0, session, stdin)
 
 
@@ -337,18 +362,24 @@ def _restore(argv0: str, session: Session, lines: Iterable[list[str]], flush_fir
     """``-R`` of the lines' words (ipvsadm/restore.py splits them): each line
     like its own invocation; kernel and popt errors are reported and
     skipped, validation errors end the restore; the status is that of the
-    last line.  Committed as one transaction at the end."""
+    last line.  Committed as one transaction at the end.  The lines
+    ipvsadm-save writes take a short cut (ipvsadm/quick.py)."""
     from ipvs2nft import ipvs
+    from ipvs2nft.ipvsadm.quick import Lines
 
     session.check()
     with session.store.locked():
         session.begin_batch(replace_all=flush_first)
+        quick = Lines(session)
         try:
             if flush_first:
                 session.table = ipvs.flush(session.table)
             result = 0
             for words in lines:
                 if not words:
+                    continue
+                if quick.take(words):
+                    result = 0
                     continue
                 try:
                     result = run_line(words, argv0, session, None)
@@ -357,6 +388,7 @@ def _restore(argv0: str, session: Session, lines: Iterable[list[str]], flush_fir
                     result = 255
             return result
         finally:
+            quick.flush()
             session.end_batch()
 
 
@@ -420,27 +452,70 @@ def _finish(session: Session | None, status: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ipvsadm``."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # die quietly like C when piped to head
+    """``ipvsadm``: the daemon carries the call out when it runs and serves
+    it (daemon/mutate.py), else this process does (``serve``)."""
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)  # die quietly like C when piped to head
     argv = sys.argv[1:] if argv is None else argv
     argv0 = _argv0()
-    session = None
     try:
         _require_privilege()
+    except PermissionError as exc:
+        _stderr(_init_failure(exc).message)
+        return 2
+    if argv and argv[0] not in QUICK_ANSWERS:
+        from ipvs2nft.daemon import mutate
+
+        try:
+            done = mutate.ask(argv, argv0)
+        except mutate.NoAnswer as exc:
+            _stderr(f"ipvs2nft: the daemon took the command and did not answer ({exc})")
+            return 2
+        if done is not None:
+            status, out, err = done
+            _write(out, err)
+            return status
+    stdin = sys.stdin.buffer if sys.stdin else None
+    return serve(argv, argv0, _session, stdin)
+
+
+def _write(out: str, err: str) -> None:
+    try:
+        if out:
+            sys.stdout.write(out)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return
+    if err:
+        sys.stderr.write(err)
+        sys.stderr.flush()
+
+
+def serve(argv: list[str], argv0: str, new_session: Callable[[], Session], stdin) -> int:
+    """ipvsadm once its caller may administer the network: parse, carry
+    out, print; the exit status.  ``new_session`` makes the session (the
+    daemon's, in the daemon)."""
+    session = None
+    try:
         if not argv:
             from ipvs2nft import listing
+            from ipvs2nft.ipvsadm.cmdline import Format
 
-            session = _session()
+            session = new_session()
             session.check(reader=True)
             session.out.append(listing.list_all(session.full_table(), Format()))
             return _finish(session, 0)
+        if argv[0] in QUICK_ANSWERS:  # what the parser answers for them, without it
+            text = _answer(QUICK_ANSWERS[argv[0]], argv0)
+            sys.stdout.write(text)
+            return 0
+        from ipvs2nft.ipvsadm import cmdline
+
         cmd = cmdline.parse(argv, argv0)
         text = _help_or_version(cmd, argv0)
         if text is not None:
             sys.stdout.write(text)
             return 0
-        session = _session()
-        stdin = sys.stdin.buffer if sys.stdin else None
+        session = new_session()
         status = run_command(cmd, argv0, session, stdin)
         return _finish(session, status)
     except Exit as exc:
@@ -477,7 +552,7 @@ def save_main(argv: list[str] | None = None) -> int:
 def restore_main(argv: list[str] | None = None) -> int:
     """``ipvsadm-restore``: drop ``#`` lines, flush, then ``-R`` -- as one
     transaction here, so the table is never seen empty in between."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     from ipvs2nft.ipvsadm import restore
 
     data = sys.stdin.buffer.read() if sys.stdin else b""
@@ -508,9 +583,16 @@ def _exit_now(entry: Callable[[], int]) -> Callable[[], None]:
     Tearing down ten thousand services object by object (and libnftables'
     cache of them) costs more than a listing's formatting; the kernel frees
     a process's memory in one go.  Only the console scripts do this; the
-    functions themselves return normally (tests call them in-process)."""
+    functions themselves return normally (tests call them in-process).
+
+    The cyclic garbage collector is off for the same reason: decoding ten
+    thousand services makes some 300,000 objects that all stay alive, and
+    the collections their allocation triggers walked them again and again
+    (more than the decoding itself); a command makes next to no cycles and
+    its memory goes back in one go at the end."""
     def run() -> None:
         global _KEEP
+        gc.disable()
         _KEEP = []
         status = entry()
         try:

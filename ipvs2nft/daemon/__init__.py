@@ -8,10 +8,13 @@ namespace, in the foreground (systemd ``Type=notify``), that
   the thresholds choose what IPVS would choose (``publish`` hands the data
   plane its next choices);
 * keeps IPVS's rate estimator over the kernel's counters (``estimator``)
-  and answers ipvsadm's questions on a local socket (``control``).
+  and answers ipvsadm's questions on a local socket (``control``);
+* carries out ipvsadm's changes when ipvsadm hands them over that socket
+  (``mutate``): ipvsadm's own code, run in the daemon's process.
 
-It shares the model, the store and the nftables back end with ipvsadm and
-never writes the state file: the store belongs to ipvsadm, the counts to
+It shares the model, the store and the nftables back end with ipvsadm.  The
+state file is written by ipvsadm's code alone (in its own process, or in
+the daemon's through ``mutate``, under the same lock); the counts belong to
 the kernel, the rates and the predictions to the daemon.  Killed, it leaves
 a ruleset that keeps forwarding with the last choices it published.
 """

@@ -9,6 +9,8 @@ Messages are JSON objects, one per SOCK_SEQPACKET record.  ipvsadm uses
 this module's client side to tell the daemon what it changed (``changed``,
 ``zeroed``) and to ask what only the daemon knows (``stats``: the estimator's
 rates and the counters as of its last 2-second tick, as IPVS lists them).
+The one other kind of record is a change for the daemon to carry out, in a
+framing of its own (daemon/mutate.py).
 Every request is checked (SO_PEERCRED: uid 0, as ipvsadm itself needs
 CAP_NET_ADMIN); a malformed one gets an error answer and changes nothing.
 """
@@ -104,10 +106,19 @@ def _receive(sock: socket.socket) -> bytes:
 
 def read_request(sock: socket.socket) -> dict | None:
     """A request from a connected client, or None if it is not one."""
+    return parse_request(read_record(sock))
+
+
+def read_record(sock: socket.socket) -> bytes:
+    """One record from a connected client (b"" if there is none)."""
     try:
-        data = _receive(sock)
+        return _receive(sock)
     except OSError:
-        return None
+        return b""
+
+
+def parse_request(data: bytes) -> dict | None:
+    """A JSON request, or None if ``data`` is not one."""
     if not data or len(data) > MAX_MESSAGE:
         return None
     try:

@@ -27,7 +27,7 @@ import time
 
 from ipvs2nft import dynsched
 from ipvs2nft.conntable import LiveTable
-from ipvs2nft.daemon import control
+from ipvs2nft.daemon import control, mutate
 from ipvs2nft.daemon.estimator import TICK, Estimator
 from ipvs2nft.daemon.publish import Publisher, StaleGeneration
 from ipvs2nft.model import Table
@@ -526,10 +526,21 @@ class Daemon:
                 _, uid, _ = control.peer(conn)
             except OSError:
                 return
+            data = control.read_record(conn)  # read first: closing on an unread record resets the answer
             if uid != 0:
                 control.answer(conn, {"ok": False, "error": "permission denied (root only)"})
                 return
-            request = control.read_request(conn)
+            if data.startswith(mutate.REQUEST):  # an ipvsadm call to carry out
+                conn.settimeout(mutate.ANSWER_TIMEOUT)
+                done = mutate.carry_out(self, data)
+                if done is not None:
+                    try:
+                        conn.sendall(done)
+                    except OSError:
+                        pass
+                    self.follow()
+                    return
+            request = control.parse_request(data)
             if request is None:
                 control.answer(conn, {"ok": False, "error": "malformed request"})
                 return

@@ -9,28 +9,46 @@ the order of OPTIONS is the order in which ipvsadm reports violations.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
+# Plain classes, not enum and dataclasses: every ipvsadm call imports this
+# module, ``-h`` and ``-v`` little else, and those two cost more to import
+# (inspect, ast ...) than the whole of ``python3 -c pass`` (bench/RESULTS.md).
 
 
-class Arg(enum.Enum):
-    """popt argument kinds used by ipvsadm."""
+class Arg:
+    """popt argument kinds used by ipvsadm (compare with ``is``: one object each)."""
 
-    NONE = 0
-    REQUIRED = 1
-    OPTIONAL = 2  # POPT_ARGFLAG_OPTIONAL: takes the next word unless it starts with '-'
+    NONE: Arg
+    REQUIRED: Arg
+    OPTIONAL: Arg  # POPT_ARGFLAG_OPTIONAL: takes the next word unless it starts with '-'
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Arg.{self.name}"
 
 
-@dataclass(frozen=True)
+Arg.NONE, Arg.REQUIRED, Arg.OPTIONAL = Arg("NONE"), Arg("REQUIRED"), Arg("OPTIONAL")
+
+
 class Spec:
     """One popt entry: a command or an option."""
 
-    tag: str  # what the parser dispatches on
-    long: str
-    short: str | None
-    arg: Arg
-    help: str
-    metavar: str | None = None
+    __slots__ = ("tag", "long", "short", "arg", "help", "metavar")
+
+    def __init__(self, tag: str, long: str, short: str | None, arg: Arg, help: str,
+                 metavar: str | None = None) -> None:
+        self.tag = tag  # what the parser dispatches on
+        self.long = long
+        self.short = short
+        self.arg = arg
+        self.help = help
+        self.metavar = metavar
+
+    def __repr__(self) -> str:
+        return f"Spec({self.tag!r})"
 
 
 # Commands, in the order ipvsadm's help lists them.  ``tag`` is ipvsadm's

@@ -38,6 +38,14 @@ def lines(data: bytes) -> Iterator[list[str]]:
     if not newline:
         yield from scan(data)
         return
+    if complete.isascii():  # the usual file: decoded once, characters are bytes
+        for text in complete.translate(_TO_SPACE).decode("ascii").split("\n"):
+            if len(text) < _MAX_TOKEN:
+                yield [w for w in text.split(" ") if w and w != "ipvsadm"]
+            else:
+                yield from scan(text.encode() + b"\n")
+        yield from scan(last)
+        return
     for line in complete.split(b"\n"):
         if len(line) < _MAX_TOKEN:
             yield [w.decode("utf-8", "surrogateescape")
@@ -83,6 +91,10 @@ def script_lines(data: bytes) -> Iterator[tuple[int, list[str]]]:
     number in ``data``, words) for every line it keeps: lines that begin
     with ``#`` dropped (grep splits at newlines only), the trailing newlines
     the shell's ``"$(...)"`` removes gone, and one put back by ``echo``."""
+    if not data.startswith(b"#") and b"\n#" not in data:  # no comment: every line kept, in order
+        stripped = data.rstrip(b"\n")
+        yield from enumerate(lines(stripped + b"\n" if stripped else b""), 1)
+        return
     kept = [(n, line) for n, line in enumerate(data.split(b"\n"), 1) if not line.startswith(b"#")]
     while kept and not kept[-1][1]:
         kept.pop()

@@ -1,16 +1,18 @@
 """The nftables back end: the only module that imports ``nftables``.
 
-Each ipvsadm command becomes one libnftables call, which the kernel applies
-as one transaction -- all of it or none.  The call is incremental (only the
-services the command touched), guarded by the generation swap of
-``build.incremental``; if the kernel table is not what the store says
-(someone ran ``nft flush ruleset``, a crash came between the kernel and the
-store), the table is rebuilt from the store in one transaction instead.
+Each ipvsadm command becomes one nf_tables transaction, which the kernel
+applies as a whole or not at all.  The services a command touched are
+written over raw netlink (``netbuild``: no libnftables, whose cache of a
+big table costs more than the change), guarded by the generation swap of
+``build.incremental``; libnftables loads the fixed skeleton of our tables
+and rebuilds them when the kernel's are not what the store says (someone
+ran ``nft flush ruleset``, a crash came between the kernel and the store):
+in one transaction from the store, or, when our tables are gone anyway,
+skeleton first and then the services over netlink.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
@@ -20,7 +22,7 @@ from ipvs2nft import host, notice, sched
 from ipvs2nft.backend import Backend
 from ipvs2nft.errors import BackendError
 from ipvs2nft.model import Forward, Service, Table
-from ipvs2nft.nft import build, direct, nfnetlink, scratch, tunnels
+from ipvs2nft.nft import build, direct, fingerprint, netbuild, nfnetlink, scratch, tunnels
 
 MISSING_BINDING = ("ipvs2nft: the nftables Python binding is missing "
                    "(Debian: apt-get install python3-nftables)")
@@ -35,6 +37,8 @@ class Nft:
             import nftables
         except ImportError:
             raise BackendError(MISSING_BINDING) from None
+        import ctypes
+
         try:
             # Load the library first: when the binding's own constructor fails
             # to, its __del__ prints a traceback on the half-made object.
@@ -141,23 +145,90 @@ class NftBackend(Backend):
         tunnels.remove(sorted(before - set(wanted)))
 
     def _apply(self, old, new) -> None:
-        if old.header_only or not (old.partial or old.table.services):
-            # A whole new table (ipvsadm-restore, or the first -R): one full
-            # load is cheaper than element-by-element, and there is nothing
-            # learned (persistence) in the old one worth keeping.
-            self.rebuild(new.table, new.generation)
+        if old.header_only or not (old.partial or (old.table.services and new.table.services)):
+            # Every service replaced (ipvsadm-restore, -C, the first -R): one
+            # transaction that swaps them all, cheaper than service by
+            # service, keeping what the data path learnt (direct-routed flows:
+            # a restore must not break connections).  A rebuild if our
+            # tables are missing or their skeleton must change.
+            if not self._replace_all(old, new):
+                self.rebuild(new.table, new.generation)
             return
         absent = self._absent(new.table)
+        change = self._change("incremental", self._carry(old.table, absent), old, new, absent)
+        if change is not None and self._commit(change):
+            return
+        self.rebuild(self._whole(old, new), new.generation)  # the kernel table is not what the store says
+
+    def _change(self, kind: str, before, old, new, absent: frozenset[str]):
+        """``netbuild.<kind>`` (a netlink batch), or ``build.<kind>`` (nft
+        text) for what netbuild leaves to libnftables."""
         carried = self._carry(new.table, absent)
-        script = build.incremental(self._carry(old.table, absent), carried,
-                                   old.generation, new.generation, absent, _live(carried))
-        if script is not None:
-            try:
-                self.nft.run(script.text())
-                return
-            except BackendError:
-                pass  # the kernel table is not what the store says: rebuild it
-        self.rebuild(self._whole(old, new), new.generation)
+        args = (before, carried, old.generation, new.generation, absent, _live(carried))
+        try:
+            return getattr(netbuild, kind)(*args)
+        except netbuild.Unsupported:
+            return getattr(build, kind)(*args)
+
+    def _commit(self, change) -> bool:
+        """One transaction (a netbuild batch, or nft text); False if the
+        kernel refused it -- our tables are not what the store says.  For a
+        batch that touched few chains, their states before it are kept, so
+        that ``seal`` brings the fingerprint up to date from them alone."""
+        touched = getattr(change, "touched", None)
+        before = None
+        if touched is not None and len(touched) <= fingerprint.MANY:
+            before = fingerprint.chains(_nfnl(), touched | set(fingerprint.JUMPED_TO))
+        try:
+            if isinstance(change, build.Script):
+                self.nft.run(change.text())
+                committed = None
+            else:
+                committed = _nfnl().commit(change)
+        except (BackendError, OSError):
+            return False
+        self._committed = (committed, before)
+        return True
+
+    # ------------------------------------------------------------ the fingerprint
+    _committed: tuple | None = None
+    _rebuilt = False
+
+    def fingerprint(self) -> dict | None:
+        return fingerprint.take(_nfnl())
+
+    def seal(self, verified: bool = False) -> tuple[int | None, dict | None]:
+        """The ruleset generation id and our tables' fingerprint after a
+        change of ours, to record.  After a rebuild or a verified repair
+        (``verified``) the tables are the store's: their fingerprint is read.
+        After a change, it is vouched for only if it follows from the last
+        one recorded and nobody else committed since; otherwise None, and
+        the next command whose generation id differs verifies."""
+        committed, before = self._committed or (None, None)
+        trusted = verified or self._rebuilt
+        self._committed, self._rebuilt = None, False
+        nfnl = _nfnl()
+        genid = self.ruleset_genid()
+        if trusted:
+            return genid, fingerprint.take(nfnl)
+        seen, recorded = self.store.seen()
+        ours_alone = seen is not None and genid == (seen + 1) & 0xFFFFFFFF and committed in (None, genid)
+        if recorded is None or not ours_alone:
+            return genid, None  # someone else committed too: the next command looks
+        if before is not None:
+            return genid, fingerprint.changed(nfnl, recorded, before, fingerprint.chains(nfnl, before))
+        return genid, fingerprint.take(nfnl)
+
+    def _replace_all(self, old, new, chains: dict | None = None) -> bool:
+        """build.replace_all in the tables the kernel holds; False when only
+        a rebuild can do it (no tables, new timeouts or SNAT option, or the
+        kernel's generation is not the old one)."""
+        if new.table.timeouts != old.table.timeouts or new.table.snat != old.table.snat:
+            return False
+        chains = _service_chains() if chains is None else chains
+        if chains is None:
+            return False
+        return self._commit(self._change("replace_all", chains, old, new, self._absent(new.table)))
 
     @staticmethod
     def _forget_counters(old: Table, new: Table) -> None:
@@ -187,8 +258,18 @@ class NftBackend(Backend):
         return Table(services, new.table.timeouts, new.table.daemons, new.table.snat)
 
     def rebuild(self, table: Table, generation: int) -> None:
-        """Replace our tables as a whole (one transaction)."""
+        """Replace our tables as a whole: in one transaction while they
+        exist (traffic never sees them half made); when they are gone, the
+        skeleton first and the services over netlink (at 10,000 services
+        several times faster than libnftables)."""
         tunnels.ensure(_tunnels(table))
+        self._rebuilt = True
+        if _service_chains() is None and not table.snat:
+            skeleton = Table([], table.timeouts, table.daemons, table.snat)
+            self.nft.run(self.expected_script(skeleton, 0))
+            bare = _Bare(skeleton, 0)
+            if self._replace_all(bare, _Bare(table, generation), {}):
+                return
         self.nft.run(self.expected_script(table, generation, live=True))
 
     # ------------------------------------------------------------ what this kernel can carry
@@ -255,12 +336,13 @@ class NftBackend(Backend):
 
     # ------------------------------------------------------------ checking
     def generation(self) -> int | None:
-        data = self.nft.json(f"list set {build.TABLE} gen")
-        for item in (data or {}).get("nftables", []):
-            elems = item.get("set", {}).get("elem")
-            if elems:
-                return int(elems[0])
-        return None
+        """The store generation in our ``gen`` set (one element, host order),
+        read over netlink: libnftables would load its cache first."""
+        try:
+            found = _nfnl().set_elements("inet", "ipvs2nft", "gen")
+        except OSError:
+            return None
+        return int.from_bytes(found[0].key, sys.byteorder) if found else None
 
     def _our_tables(self) -> dict:
         """Our tables as nft lists them in JSON, and nothing else: a host
@@ -311,26 +393,71 @@ class NftBackend(Backend):
             return False
 
 
+# Up to this many managed services, their connections are dumped service by
+# service (the kernel filters on the service's mark); more, in one dump of
+# all of ours.  Either way the cost follows the services a command touches,
+# not the size of the table: a -a at 10,000 wlc services reads one service's
+# connections.
+FEW = 16
+
+
 def _live(table: Table):
     """The live counts of the managed services among ``table`` (lc, wlc...
-    and thresholds), from a conntrack dump, so that what ipvsadm writes is
-    IPVS's next choice even when no daemon runs; None if there are none."""
+    and thresholds: those a command writes), from conntrack, so that what
+    ipvsadm writes is IPVS's next choice even when no daemon runs; None if
+    there are none."""
     from ipvs2nft import dynsched
 
-    if not any(dynsched.managed(s) for s in table.services):
+    managed = [s for s in table.services if dynsched.managed(s)]
+    if not managed:
         return None
     import time
 
     from ipvs2nft.conntable import LiveTable
-    from ipvs2nft.nft import readback
+    from ipvs2nft.conntrack import Conntrack
 
     conntable = LiveTable(table)
     try:
-        flows = readback.read_flows()
+        with Conntrack() as ct:
+            if len(managed) <= FEW and all(s.sid for s in managed):
+                flows = [f for s in managed for f in ct.dump(build.ct_mark(s), build.CT_MARK_MASK)]
+            else:
+                flows = ct.dump(build.CT_MARK_OURS, build.CT_MARK_OURS)
     except Exception:  # noqa: BLE001 - no conntrack here: choose as for no connections
         return None
     conntable.resync(flows, time.monotonic())
     return conntable.state
+
+
+class _Bare:
+    """What _replace_all reads of a snapshot."""
+
+    def __init__(self, table: Table, generation: int) -> None:
+        self.table = table
+        self.generation = generation
+
+
+def _nfnl() -> nfnetlink.Nfnetlink:
+    """This process's nf_tables socket (kept open: closing one waits for the
+    kernel to free what a transaction deleted, see bench/evidence.py)."""
+    return nfnetlink._shared()  # noqa: SLF001 - the module's one-per-process socket
+
+
+def _service_chains() -> dict[str, list[str]] | None:
+    """The service chains of our tables as the kernel holds them (table ->
+    names), or None if our inet table is not there."""
+    found = {}
+    for where, prefixes in ((build.TABLE, build.SERVICE_CHAINS), (direct.table("4"), direct.SERVICE_CHAINS),
+                            (direct.table("6"), direct.SERVICE_CHAINS)):
+        family, name = where.split()
+        try:
+            chains = _nfnl().chains(family, name)
+        except OSError:
+            return None
+        if not chains:
+            return None  # the table is missing (a table has its hook chains)
+        found[where] = [c[0] for c in chains if c[0].startswith(prefixes)]
+    return found
 
 
 def _daemon_stats() -> dict | None:

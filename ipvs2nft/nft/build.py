@@ -51,6 +51,7 @@ number or name this program formatted itself, so no user text reaches nft.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ipvs2nft import dynsched, sched
@@ -311,8 +312,11 @@ def needs_chain(svc: Service, dest: Dest) -> bool:
     masquerading to a server of the service's family is done by the shared
     pick chains; persistence learning and the other forwarding methods are
     per server."""
-    if direct.is_direct(svc):
-        return False
+    return not direct.is_direct(svc) and own_chain(svc, dest)
+
+
+def own_chain(svc: Service, dest: Dest) -> bool:
+    """needs_chain of a service that is not direct (the caller knows)."""
     return svc.persistent or dest.af != svc.af or (bool(svc.fwmark) and dest.port != 0)
 
 
@@ -534,6 +538,46 @@ def full(table: Table, generation: int, replace_existing: bool = True,
     return script
 
 
+# The maps that hold services and their choices: emptied when every service
+# is replaced.  The counters of the services go with them (IPVS frees a
+# deleted service's statistics); what the data path learnt about clients and
+# flows (persistence, direct-routed flows) stays, as IPVS keeps its
+# connections and templates across -C and a restore (see direct.py).
+SERVICE_MAPS = ("svc4", "svc6", "svc4p0", "svc6p0", "fwm4", "fwm6", "nat4", "nat4a", "nat6", "nat6a", "slots",
+                "dyn")
+SERVICE_SETS = ("lbl4", "lbl6", "stat4", "stat6", "conn4", "conn6")
+SERVICE_CHAINS = ("svc_", "rs_")  # then direct.SERVICE_CHAINS in the direct tables
+
+
+def replace_all(old_chains: dict[str, list[str]], new: Table, old_generation: int, generation: int,
+                absent: frozenset[str] = frozenset(), live: dynsched.LiveState | None = None) -> Script:
+    """A transaction that replaces every service (ipvsadm-restore, -C) in
+    tables that already hold the right skeleton: the service maps emptied,
+    the old service chains (``old_chains``: table -> chain names, as the
+    kernel lists them) deleted, the new services added.  Unlike a rebuild it
+    leaves the sets the data path fills -- direct-routed flows above all,
+    so that a restore breaks no connection."""
+    script = Script()
+    script.add(f"delete element {TABLE} gen {{ {old_generation} }}")
+    script.add(f"add element {TABLE} gen {{ {generation} }}")
+    for where, maps, sets in ((TABLE, SERVICE_MAPS, SERVICE_SETS),
+                              (direct.table("4"), direct.SERVICE_MAPS, direct.SERVICE_SETS),
+                              (direct.table("6"), direct.SERVICE_MAPS, direct.SERVICE_SETS)):
+        script.lines += [f"flush map {where} {name}" for name in maps]
+        script.lines += [f"flush set {where} {name}" for name in sets]
+    for where, prefixes in ((TABLE, SERVICE_CHAINS), (direct.table("4"), direct.SERVICE_CHAINS),
+                            (direct.table("6"), direct.SERVICE_CHAINS)):
+        for prefix in prefixes:  # the chains that jump first, then the ones they jump to
+            for chain in old_chains.get(where, ()):
+                if chain.startswith(prefix):
+                    script.add(f"delete chain {where} {chain}")
+    elements: dict = {}
+    for svc in new.services:
+        add_service(script, svc, elements, new.snat, new.timeouts, absent, live)
+    _add_elements(script, elements)
+    return script
+
+
 def remove_service(script: Script, svc: Service) -> None:
     """Delete a service: dispatch element, slots, its chains."""
     if direct.is_direct(svc):
@@ -586,18 +630,31 @@ def incremental(old: Table, new: Table, old_generation: int, generation: int,
     script = Script()
     script.add(f"delete element {TABLE} gen {{ {old_generation} }}")
     script.add(f"add element {TABLE} gen {{ {generation} }}")
+    for step, before, svc in plan(old, new):
+        if step == "remove":
+            remove_service(script, before)
+        elif step == "add":
+            add_service(script, svc, snat=new.snat, timeouts=new.timeouts, absent=absent, live=live)
+        else:
+            change_service(script, before, svc, new.snat, new.timeouts, live)
+    return script
+
+
+def plan(old: Table, new: Table) -> Iterator[tuple[str, Service | None, Service | None]]:
+    """The steps from ``old`` to ``new``: ("remove", old service, None),
+    ("add", None, new service), ("change", old, new), services in neither
+    or unchanged left out.  A direct service is removed and added whole."""
     old_by_key = {s.key: s for s in old.services}
     new_by_key = {s.key: s for s in new.services}
     for key, svc in old_by_key.items():
         if key not in new_by_key:
-            remove_service(script, svc)
+            yield "remove", svc, None
     for key, svc in new_by_key.items():
         before = old_by_key.get(key)
         if before is not None and before != svc and (direct.is_direct(before) or direct.is_direct(svc)):
-            remove_service(script, before)  # direct services are rebuilt whole
+            yield "remove", before, None
             before = None
         if before is None:
-            add_service(script, svc, snat=new.snat, timeouts=new.timeouts, absent=absent, live=live)
+            yield "add", None, svc
         elif before != svc:
-            change_service(script, before, svc, new.snat, new.timeouts, live)
-    return script
+            yield "change", before, svc

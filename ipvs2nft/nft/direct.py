@@ -16,6 +16,20 @@ mark).  Conntrack keeps no state for these flows, so a dynamic set
 to the server its first packet went to; its timeouts follow ``--set``
 (tcpfin once a FIN or RST was seen).
 
+IPVS keeps a connection whose real server was removed (``-d``, ``-D``,
+``-C``) in its table: with ``expire_nodest_conn=0`` (the default) its
+packets are dropped, not scheduled again, until it expires or the server is
+added back (ip_vs_in: "the destination server is not available").  Here
+``live`` (client . port . virtual address . port, the same timeouts as
+``flows``) remembers every flow of a direct-routed or tunnelled server: a
+packet of such a flow that no server's ``flows`` entry claims any more is
+dropped -- in its service's chain after the servers' flow rules, or at the
+end of the mangle chains once the service itself is gone.  (Masqueraded and
+local servers' packets are accepted here and pass the mangle chains too:
+theirs are left out, conntrack keeps those connections.)  A server
+added back gets its old rid (store.py keeps removed servers' rids, IPVS's
+"trash"), so its flows' ``flows`` entries match again and they go on.
+
 A service with both masquerading and direct servers is scheduled here; when
 the choice is a masquerading server the packet goes on with the slot number
 in ``meta priority``, and the service's chain in ``inet ipvs2nft`` DNATs from
@@ -51,6 +65,14 @@ RID_KEY = 0x80000000  # meta priority key of one masquerading server (rid below 
 # (hook, chain, what it leaves alone) of the dispatch chains; the fwmark
 # dispatch of each hook runs at mangle + 1 (chain "mangle" / "omangle")
 DISPATCH_HOOKS = (("prerouting", "raw", 'iif "lo" accept'), ("output", "oraw", "ct state untracked accept"))
+
+
+# What build.replace_all empties and deletes here: the maps of services and
+# their choices, and the counters; ``flows``, ``live``, ``fins`` and
+# ``persist`` stay (connections outlive a restore, as in IPVS).
+SERVICE_MAPS = ("dsvc", "dsvcp0", "dfwm", "dslots", "ddyn")
+SERVICE_SETS = ("dstat", "dconn")
+SERVICE_CHAINS = ("dsvc_", "drs_")
 
 
 def table(fam: str) -> str:
@@ -117,6 +139,8 @@ def skeleton(script, timeouts: Timeouts) -> None:
         s(f"add map {t} ddyn {{ type classid : classid; flags dynamic; }}")
         s(f"add set {t} flows {{ type {addr} . inet_service . {addr} . inet_service . mark; "
           f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
+        s(f"add set {t} live {{ type {addr} . inet_service . {addr} . inet_service; "
+          f"flags dynamic,timeout; size {FLOW_SIZE}; }}")
         # IPVS's statistics of direct-routed and tunnelled servers, per rid:
         # packets and bytes in (the director never sees their replies) and
         # new connections; masqueraded and local ones are counted by
@@ -148,6 +172,8 @@ def skeleton(script, timeouts: Timeouts) -> None:
             s(f"add chain {t} {mangle} {{ type filter hook {hook} priority mangle + 1; policy accept; }}")
             s(f"add rule {t} {mangle} {skip}")
             s(f"add rule {t} {mangle} meta l4proto {{ tcp, udp, sctp }} meta mark vmap @dfwm")
+            # a flow of a service that is gone (-D, -C): dropped until it expires
+            s(f"add rule {t} {mangle} meta l4proto {{ tcp, udp, sctp }} {_live_key(fam)} @live drop")
 
 
 def _dispatch(svc: Service) -> tuple[str, str]:
@@ -174,6 +200,12 @@ def _flow_key(svc: Service, fam: str) -> str:
     return f"{ip} saddr . th sport . {ip} daddr . th dport"
 
 
+def _live_key(fam: str) -> str:
+    """A flow without its server: the key of ``live``."""
+    ip = _ip(fam)
+    return f"{ip} saddr . th sport . {ip} daddr . th dport"
+
+
 def _not_one_packet(svc: Service) -> str | None:
     """The match that limits flow memory to what -o leaves per-flow: None for
     a UDP service with -o (no flow memory), ``meta l4proto != udp`` for a
@@ -192,6 +224,8 @@ def service_rules(svc: Service, slots: sched.Slots, scheduler_rule: str) -> list
     rules = [] if only is None else [
         f"{only}{_flow_key(svc, fam)} . meta mark & 0x0 | {d.rid:#010x} @flows goto {rs_chain(d)}"
         for d in svc.dests]
+    if only is not None:  # a flow whose server was removed: dropped, not scheduled again
+        rules.append(f"{only}{_live_key(fam)} @live drop")
     if svc.persistent:
         rules += [f"{_client(svc)} . meta mark & 0x0 | {d.rid:#010x} @persist goto {rs_chain(d)}"
                   for d in svc.dests]
@@ -210,10 +244,18 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts, absent: frozenset[str
     if not timeouts.tcp:  # conntrack's own timeouts asked for: IPVS's defaults here
         timeouts = Timeouts()
     only = _not_one_packet(svc)
+    # direct-routed and tunnelled flows are remembered in ``live`` too (see
+    # the module text); masqueraded and local ones live on in conntrack
+    live = f"{_live_key(fam)} timeout " if dest.fwd in (Forward.ROUTE, Forward.TUNNEL) else None
+
+    def remember(seconds: int) -> str:
+        also = f" update @live {{ {live}{seconds}s }}" if live else ""
+        return f"update @flows {{ {key} timeout {seconds}s }}{also}"
+
     if only is None:
         rules = []
     elif svc.protocol == 17 and not svc.fwmark:
-        rules = [f"update @flows {{ {key} timeout {timeouts.udp}s }}"]
+        rules = [remember(timeouts.udp)]
     else:
         # IPVS's INPUT-ONLY TCP states: the client's FIN or RST ends the
         # active part (tcpfin timeout) and the ACKs that follow do not bring
@@ -222,9 +264,9 @@ def rs_rules(svc: Service, dest: Dest, timeouts: Timeouts, absent: frozenset[str
         looked = f"{_flow_key(svc, fam)} . meta mark & 0x0 | {dest.rid:#010x}"
         rules = [f"tcp flags & syn != 0 delete @fins {{ {key} }}",
                  f"tcp flags & (fin | rst) != 0 update @fins {{ {key} timeout {timeouts.tcpfin}s }}",
-                 f"meta l4proto tcp {looked} @fins update @flows {{ {key} timeout {timeouts.tcpfin}s }}",
-                 f"meta l4proto tcp {looked} != @fins update @flows {{ {key} timeout {timeouts.tcp}s }}",
-                 f"meta l4proto != tcp {only}update @flows {{ {key} timeout {timeouts.udp}s }}"]
+                 f"meta l4proto tcp {looked} @fins {remember(timeouts.tcpfin)}",
+                 f"meta l4proto tcp {looked} != @fins {remember(timeouts.tcp)}",
+                 f"meta l4proto != tcp {only}{remember(timeouts.udp)}"]
     if svc.persistent:
         rules.append(f"update @persist {{ {_client(svc)} . {dest.rid:#010x} timeout {svc.timeout}s }}")
     counted = ""

@@ -24,6 +24,7 @@ again after a fork) for ipvsadm's short runs.  Attribute numbers are those of
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -37,7 +38,6 @@ from ipvs2nft.netlink import (
     NetlinkSocket,
     Record,
     SocketOwner,
-    attr,
     attr_be32,
     attr_be64,
     attr_str,
@@ -80,10 +80,10 @@ MESSAGE_NAMES = {
 }
 
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
-NFTA_TABLE_NAME, NFTA_TABLE_HANDLE = 1, 4
-NFTA_CHAIN_NAME = 3
+NFTA_TABLE_NAME, NFTA_TABLE_USE, NFTA_TABLE_HANDLE = 1, 3, 4
+NFTA_CHAIN_TABLE, NFTA_CHAIN_HANDLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USE = 1, 2, 3, 6
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
-NFTA_SET_NAME = 2
+NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_HANDLE, NFTA_SET_COUNT = 1, 2, 16, 20
 NFTA_OBJ_NAME = 2
 NFTA_LIST_ELEM = 1
 NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
@@ -323,36 +323,58 @@ ACCEPT = Verdict(NF_ACCEPT)
 DROP = Verdict(NF_DROP)
 
 
-def _element_attr(key: bytes, data: bytes | Verdict | None, timeout: int | None) -> bytes:
-    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key))]
-    if isinstance(data, Verdict):
-        verdict = attr_be32(NFTA_VERDICT_CODE, data.code)
-        if data.chain is not None:
-            verdict += attr_str(NFTA_VERDICT_CHAIN, data.chain)
-        parts.append(nested(NFTA_SET_ELEM_DATA, nested(NFTA_DATA_VERDICT, verdict)))
+_HEAD = struct.Struct("=HH").pack
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # by length % 4
+_KEY = NFTA_SET_ELEM_KEY | netlink.NLA_F_NESTED
+_DATA = NFTA_SET_ELEM_DATA | netlink.NLA_F_NESTED
+_ELEM = NFTA_LIST_ELEM | netlink.NLA_F_NESTED
+
+
+@functools.cache
+def _verdict_data(data: Verdict) -> bytes:
+    verdict = attr_be32(NFTA_VERDICT_CODE, data.code)
+    if data.chain is not None:
+        verdict += attr_str(NFTA_VERDICT_CHAIN, data.chain)
+    return nested(NFTA_SET_ELEM_DATA, nested(NFTA_DATA_VERDICT, verdict))
+
+
+def element(key: bytes, data: bytes | Verdict | None = None, timeout: int | None = None) -> bytes:
+    """One NFTA_LIST_ELEM: key, value or verdict, timeout (ms).  Written
+    out by hand: a restore makes ~50,000 of them."""
+    k = len(key)
+    pad = _PAD[k & 3]
+    body = _HEAD(8 + k + len(pad), _KEY) + _HEAD(4 + k, NFTA_DATA_VALUE) + key + pad
+    if type(data) is bytes:
+        d = len(data)
+        pad = _PAD[d & 3]
+        body += _HEAD(8 + d + len(pad), _DATA) + _HEAD(4 + d, NFTA_DATA_VALUE) + data + pad
     elif data is not None:
-        parts.append(nested(NFTA_SET_ELEM_DATA, attr(NFTA_DATA_VALUE, data)))
+        body += _verdict_data(data)
     if timeout is not None:
-        parts.append(attr_be64(NFTA_SET_ELEM_TIMEOUT, timeout))
-    return nested(NFTA_LIST_ELEM, *parts)
+        body += attr_be64(NFTA_SET_ELEM_TIMEOUT, timeout)
+    return _HEAD(4 + len(body), _ELEM) + body
+
 
 
 class Batch:
-    """Element changes for one nf_tables transaction.
+    """Changes for one nf_tables transaction.
 
     ``add``/``delete`` queue elements of named sets and maps of table
     ``family``/``table`` (or another table per call); :meth:`Nfnetlink.commit`
     sends them as NFNL_MSG_BATCH_BEGIN, one NEWSETELEM/DELSETELEM message per
     run of same-kind changes to one set, NFNL_MSG_BATCH_END -- in order, so a
     delete followed by an add of the same key replaces a map value (an add
-    alone fails with EEXIST when the key exists with other data).
+    alone fails with EEXIST when the key exists with other data).  ``raw``
+    queues any other message (a chain, a rule, a flush: nft/wire.py makes
+    them) in the same order.
     """
 
     def __init__(self, family: str | int = "inet", table: str = "ipvs2nft") -> None:
         self.family = _family(family)
         self.table = table
-        # runs of (message type, family, table, set, [element attributes])
-        self._runs: list[tuple[int, int, str, str, list[bytes]]] = []
+        # runs of (message type, family, table, set, [element attributes], flags);
+        # a raw message is a run with table None, its set the description, its body the one element
+        self._runs: list[tuple[int, int, str | None, str, list[bytes], int]] = []
 
     def __len__(self) -> int:
         return sum(len(run[4]) for run in self._runs)
@@ -363,36 +385,65 @@ class Batch:
         if self._runs and self._runs[-1][:4] == where:
             self._runs[-1][4].append(element)
         else:
-            self._runs.append((*where, [element]))
+            self._runs.append((*where, [element], 0))
         return self
+
+    def extend(self, set_name: str, elements: list[bytes], *, family: str | int | None = None,
+               table: str | None = None) -> Batch:
+        """Add elements made with :func:`element` (a restore's thousands)."""
+        where = (NFT_MSG_NEWSETELEM, self.family if family is None else _family(family), table or self.table,
+                 set_name)
+        if self._runs and self._runs[-1][:4] == where:
+            self._runs[-1][4].extend(elements)
+        elif elements:
+            self._runs.append((*where, list(elements), 0))
+        return self
+
+    def raw(self, msg: int, body: bytes, what: str, *, family: str | int | None = None,
+            flags: int = 0) -> Batch:
+        """Queue one prepared message (its attributes after the nfgenmsg);
+        ``what`` names it in an error."""
+        family = self.family if family is None else _family(family)
+        self._runs.append((msg, family, None, what, [body], flags))
+        return self
+
+    def flush(self, set_name: str, *, family: str | int | None = None, table: str | None = None) -> Batch:
+        """Remove every element of a set or map (DELSETELEM without a list)."""
+        body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, table or self.table)
+                + attr_str(NFTA_SET_ELEM_LIST_SET, set_name))
+        return self.raw(NFT_MSG_DELSETELEM, body, f"flush {set_name}", family=family)
 
     def add(self, set_name: str, key: bytes, data: bytes | Verdict | None = None,
             timeout: int | None = None, *, family: str | int | None = None,
             table: str | None = None) -> Batch:
         """Add an element (``timeout`` in ms, for sets with ``flags timeout``)."""
-        return self._queue(NFT_MSG_NEWSETELEM, set_name, _element_attr(key, data, timeout), family, table)
+        return self._queue(NFT_MSG_NEWSETELEM, set_name, element(key, data, timeout), family, table)
 
     def delete(self, set_name: str, key: bytes, *, family: str | int | None = None,
                table: str | None = None) -> Batch:
         """Delete an element; the whole batch fails (ENOENT) if it is absent."""
-        return self._queue(NFT_MSG_DELSETELEM, set_name, _element_attr(key, None, None), family, table)
+        return self._queue(NFT_MSG_DELSETELEM, set_name, element(key), family, table)
 
     def discard(self, set_name: str, key: bytes, *, family: str | int | None = None,
                 table: str | None = None) -> Batch:
         """Delete an element if present (NFT_MSG_DESTROYSETELEM, kernel 6.3+)."""
-        return self._queue(NFT_MSG_DESTROYSETELEM, set_name, _element_attr(key, None, None), family, table)
+        return self._queue(NFT_MSG_DESTROYSETELEM, set_name, element(key), family, table)
 
     def _plan(self) -> Iterator[tuple[int, int, str, str, list[bytes]]]:
         """The messages: runs cut where an element list would outgrow an
         attribute's 16-bit length, and a first message of one element --
         the echo it carries (below) repeats each of its elements."""
         first = True
-        for msg, family, table, set_name, elements in self._runs:
+        for msg, family, table, set_name, elements, flags in self._runs:
+            if table is None:
+                yield msg, family, table, set_name, elements, flags
+                first = False
+                continue
             if first:
-                yield msg, family, table, set_name, elements[:1]
+                yield msg, family, table, set_name, elements[:1], flags
                 elements, first = elements[1:], False
             for chunk in _chunks(elements):
-                yield msg, family, table, set_name, chunk
+                yield msg, family, table, set_name, chunk, flags
 
     def message_count(self) -> int:
         return sum(1 for _ in self._plan())
@@ -406,15 +457,21 @@ class Batch:
         6.18: the flag on BATCH_BEGIN itself is ignored)."""
         out, described = [], []
         flags = netlink.NLM_F_ECHO
-        for msg, family, table, set_name, chunk in self._plan():
-            create = netlink.NLM_F_CREATE if msg == NFT_MSG_NEWSETELEM else 0
-            body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
-                    + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *chunk))
+        message = netlink.message
+        for msg, family, table, set_name, chunk, extra in self._plan():
+            if table is None:
+                body = chunk[0]
+            else:
+                extra = netlink.NLM_F_CREATE if msg == NFT_MSG_NEWSETELEM else 0
+                body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
+                        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *chunk))
             seq += 1
-            out.append(netlink.message((NFNL_SUBSYS_NFTABLES << 8) | msg,
-                                       netlink.NLM_F_REQUEST | create | flags, seq, family, body))
-            described.append((seq, f"{MESSAGE_NAMES.get(msg, msg)} {FAMILY_NAME.get(family, family)} "
-                                   f"{table} {set_name}"))
+            out.append(message((NFNL_SUBSYS_NFTABLES << 8) | msg, netlink.NLM_F_REQUEST | extra | flags, seq,
+                               family, body))
+            if table is not None:
+                kind, fam = MESSAGE_NAMES.get(msg, msg), FAMILY_NAME.get(family, family)
+                set_name = f"{kind} {fam} {table} {set_name}"
+            described.append((seq, set_name))
             flags = 0
         return b"".join(out), described
 
@@ -451,20 +508,82 @@ class Nfnetlink(SocketOwner):
                     return _BE32(value)[0]
         raise NetlinkError(errno.EPROTO, what="no generation id in NFT_MSG_GETGEN's answer")
 
-    def table_handle(self, family: str | int, table: str) -> int | None:
-        """The handle of the table, None if there is no such table.  A table
-        deleted and made again gets a new handle."""
+    def _one(self, msg: int, family: str | int, body: bytes) -> dict[int, bytes] | None:
+        """The attributes of the one object a GET names, None if there is no such object."""
         try:
-            for _, _, _, data, pos, end in self._request(NFT_MSG_GETTABLE, 0, _family(family),
-                                                         attr_str(NFTA_TABLE_NAME, table)):
-                for kind, value in attrs(data, pos + 4, end):
-                    if kind == NFTA_TABLE_HANDLE:
-                        return _BE64(value)[0]
+            for _, _, _, data, pos, end in self._request(msg, 0, _family(family), body):
+                return dict(attrs(data, pos + 4, end))
         except NetlinkError as exc:
             if exc.errno == errno.ENOENT:
                 return None
             raise
         return None
+
+    def table_handle(self, family: str | int, table: str) -> int | None:
+        """The handle of the table, None if there is no such table.  A table
+        deleted and made again gets a new handle."""
+        info = self.table_info(family, table)
+        return None if info is None else info[0]
+
+    def table_info(self, family: str | int, table: str) -> tuple[int, int] | None:
+        """(handle, use) of the table -- ``use`` counts its chains, sets and
+        objects -- or None if there is no such table."""
+        got = self._one(NFT_MSG_GETTABLE, family, attr_str(NFTA_TABLE_NAME, table))
+        return None if got is None else (_BE64(got[NFTA_TABLE_HANDLE])[0], _BE32(got[NFTA_TABLE_USE])[0])
+
+    def sets(self, family: str | int, table: str) -> list[tuple[str, int, int | None]]:
+        """(name, handle, element count) of every set and map of the table;
+        the count is None on kernels that do not report it (NFTA_SET_COUNT:
+        6.18 does, Debian 12's 6.1 does not)."""
+        found = []
+        try:
+            answers = self._request(NFT_MSG_GETSET, netlink.NLM_F_DUMP, _family(family),
+                                    attr_str(NFTA_SET_TABLE, table))
+            for _, _, _, data, pos, end in answers:
+                got = dict(attrs(data, pos + 4, end))
+                count = got.get(NFTA_SET_COUNT)
+                found.append((text(got.get(NFTA_SET_NAME, b"")), _BE64(got[NFTA_SET_HANDLE])[0],
+                              None if count is None else _BE32(count)[0]))
+        except NetlinkError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        return found
+
+    def chain(self, family: str | int, table: str, name: str) -> tuple[int, int] | None:
+        """(handle, use) of one chain, None if there is no such chain."""
+        body = attr_str(NFTA_CHAIN_TABLE, table) + attr_str(NFTA_CHAIN_NAME, name)
+        got = self._one(NFT_MSG_GETCHAIN, family, body)
+        return None if got is None else (_BE64(got[NFTA_CHAIN_HANDLE])[0], _BE32(got[NFTA_CHAIN_USE])[0])
+
+    def chains(self, family: str | int, table: str) -> list[tuple[str, int, int]]:
+        """(name, handle, use) of every chain of the table; ``use`` counts
+        the chain's rules and the rules and map elements that jump to it
+        (nf_tables_newrule and nft_data_hold take a reference each).  An
+        absent table has no chains.  (The kernel dumps the chains of every
+        table of the family, whatever table the request names: they are
+        sorted out here.)"""
+        found = []
+        mine = table.encode() + b"\0"
+        try:
+            answers = self._request(NFT_MSG_GETCHAIN, netlink.NLM_F_DUMP, _family(family),
+                                    attr_str(NFTA_CHAIN_TABLE, table))
+            for _, _, _, data, pos, end in answers:
+                name, handle, use, where = "", 0, 0, None
+                for kind, value in attrs(data, pos + 4, end):
+                    if kind == NFTA_CHAIN_TABLE:
+                        where = value
+                    elif kind == NFTA_CHAIN_NAME:
+                        name = text(value)
+                    elif kind == NFTA_CHAIN_HANDLE:
+                        handle = _BE64(value)[0]
+                    elif kind == NFTA_CHAIN_USE:
+                        use = _BE32(value)[0]
+                if where == mine:
+                    found.append((name, handle, use))
+        except NetlinkError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        return found
 
     def rules(self, family: str | int, table: str, chain: str) -> list[list[tuple[str, bytes]]]:
         """Each rule of the chain as its expressions: (name, attributes)."""
@@ -713,15 +832,23 @@ def _group(events: list[NftEvent], rest: list[NftEvent]) -> list[Transaction]:
 
 # ---------------------------------------------------------------- one per process
 
-_default: tuple[int, Nfnetlink] | None = None
+_default: tuple[tuple[int, int], Nfnetlink] | None = None
 
 
 def _shared() -> Nfnetlink:
     """This process's socket for the module-level functions (a forked child
-    gets its own: two processes reading one socket steal answers)."""
+    gets its own: two processes reading one socket steal answers; so does a
+    caller that moved to another network namespace, where the old socket
+    would still talk to the first one)."""
     global _default
-    if _default is None or _default[0] != os.getpid():
-        _default = (os.getpid(), Nfnetlink())
+    try:
+        where = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+    except OSError:
+        where = (os.getpid(), 0)
+    if _default is None or _default[0] != where:
+        if _default is not None and _default[0][0] == where[0]:
+            _default[1].close()
+        _default = (where, Nfnetlink())
     return _default[1]
 
 

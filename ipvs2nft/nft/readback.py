@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ipvs2nft.netaddr import address
@@ -185,9 +185,16 @@ def read_counts(nfnl=None, table=None) -> KernelCounts:
 
 
 def _has_direct(table) -> bool:
+    from ipvs2nft.model import Forward
+
+    masq = Forward.MASQ
+    return any(d.fwd is not masq for s in table.services for d in s.dests)  # direct.is_direct, in one loop
+
+
+def _is_direct(svc) -> bool:
     from ipvs2nft.nft import direct
 
-    return any(direct.is_direct(s) for s in table.services)
+    return direct.is_direct(svc)
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,12 @@ def zero(sids: set[int], nfnl=None, rids: set[int] = frozenset()) -> None:
 
 # ---------------------------------------------------------------- what listings show
 
+class _Zero:
+    active = inactive = persistent = 0
+
+
+_NO_CONNS = _Zero()  # a real server without connections or templates (listing.DestConns' fields)
+
 # conntrack TCP state -> the state IPVS would show for the same connection
 # (ip_vs_proto_tcp.c: the client's SYN makes it SYN_RECV; conntrack's
 # closing states name the same steps, whichever side closed first)
@@ -330,14 +343,25 @@ class Measured:
     ``conntable``: the connection table built from a conntrack dump
     (ActiveConn/InActConn); ``persist``: templates per rid (PersistConn);
     ``stats``: per service and real server the five counters and, when the
-    daemon answered, the five rates (``daemon`` rows)."""
+    daemon answered, the five rates (``daemon`` rows).  ``counts`` may be
+    a function: it is called (once) when a listing first asks for them, as
+    only ``--stats`` and ``--rate`` do."""
 
-    def __init__(self, conntable, persist: dict[int, int], counts: KernelCounts,
+    def __init__(self, conntable, persist: dict[int, int], counts: KernelCounts | Callable[[], KernelCounts],
                  daemon: dict | None = None) -> None:
         self.conntable = conntable
         self.persist = persist
-        self.counts = counts
+        self._counts = counts
         self.daemon = daemon
+        # the loads of the services that have connections, by sid: a listing
+        # asks for every real server, mostly of services with none
+        self.loads = {svc.sid: conntable.counts(svc.key) for svc in conntable.services()}
+
+    @property
+    def counts(self) -> KernelCounts:
+        if callable(self._counts):
+            self._counts = self._counts()
+        return self._counts
 
     def service(self, svc):
         from ipvs2nft.listing import Stats
@@ -355,12 +379,21 @@ class Measured:
             return Stats(*row) if row else Stats()
         return Stats(*self.counts.dest(svc.sid, dest.key))
 
+    def idle(self, svc):
+        if self.loads.get(svc.sid):
+            return False
+        persist = self.persist
+        return not persist or not any(d.rid in persist for d in svc.dests)
+
     def conns(self, svc, dest):
         from ipvs2nft.listing import DestConns
 
-        load = self.conntable.counts(svc.key).get(dest.key)
-        active, inactive = (load.active, load.inactive) if load is not None else (0, 0)
-        return DestConns(active, inactive, self.persist.get(dest.rid, 0))
+        loads = self.loads.get(svc.sid)
+        load = loads.get(dest.key) if loads else None
+        persistent = self.persist.get(dest.rid, 0) if self.persist else 0
+        if load is None:
+            return _NO_CONNS if not persistent else DestConns(0, 0, persistent)
+        return DestConns(load.active, load.inactive, persistent)
 
 
 def dest_tag(sid: int, key: tuple) -> str:
@@ -369,20 +402,26 @@ def dest_tag(sid: int, key: tuple) -> str:
 
 
 def measured(table, daemon_stats: dict | None = None) -> Measured:
-    """Everything the listings need, read from the kernel once."""
+    """Everything the listings need, read from the kernel once.  The
+    connection table is made of the services that have connections (their
+    sids in the flows' marks), not of all of them."""
     import time
 
     from ipvs2nft.conntable import LiveTable
 
-    conntable = LiveTable(table)
-    conntable.resync(read_flows(), time.monotonic())
+    flows = read_flows()
+    direct = _has_direct(table)
+    marked = {sid_of_mark(f.mark) for f in flows}
+    busy = [s for s in table.services if s.sid in marked or (direct and _is_direct(s))]
+    conntable = LiveTable(table.__class__(busy, table.timeouts, table.daemons, table.snat))
+    conntable.resync(flows, time.monotonic())
     with _nfnl() as nfnl:
-        if _has_direct(table):
+        if direct:
             conntable.set_direct(direct_counts(table, read_direct_flows(nfnl)))
         persist: dict[int, int] = {}
         for t in read_templates(nfnl):
             persist[t.rid] = persist.get(t.rid, 0) + 1
-        counts = read_counts(nfnl, table) if daemon_stats is None else KernelCounts()
+    counts = (lambda: read_counts(None, table)) if daemon_stats is None else KernelCounts()
     return Measured(conntable, persist, counts, daemon_stats)
 
 

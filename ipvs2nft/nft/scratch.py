@@ -19,7 +19,7 @@ OURS = {("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft")}
 # (learnt flows and clients, counters, live choices): no store describes them.
 # nft's JSON listing does not always carry their "dynamic" flag.
 RUNTIME = frozenset({"persist4", "persist6", "stat4", "stat6", "conn4", "conn6", "dyn", "lbl4", "lbl6",
-                     "flows", "persist", "ddyn", "dstat", "dconn", "fins"})
+                     "flows", "live", "persist", "ddyn", "dstat", "dconn", "fins"})
 
 
 def main() -> int:
