@@ -196,11 +196,15 @@ def _timeouts(svc: Service, timeouts: Timeouts | None) -> list[bytes]:
     return []
 
 
-def _scheduler(svc: Service, slots: sched.Slots, inet: bool, dyn_map: str) -> bytes:
-    """build._scheduler_rule without its goto: ``counter meta priority set <pick>``."""
+def _scheduler(svc: Service, slots: sched.Slots, inet: bool) -> bytes:
+    """build._scheduler_rule: ``counter meta priority set <pick> goto pick|dyn``
+    (services scheduled from live counts go through the one chain that looks
+    up the dyn map, ``dyn4``/``dyn6``, ``dyn`` in the direct tables)."""
     n, base, fam = len(slots.table), build.slot_base(svc), _fam(svc)
+    suffix = fam if inet else ""
+    goto = wire.jump(GOTO, f"{'dyn' if slots.dyn else 'pick'}{suffix}")
     if slots.dyn:
-        pick = wire.numgen(1, len(slots.dyn), False, base) + wire.lookup(dyn_map, 1, 1)
+        pick = wire.numgen(1, len(slots.dyn), False, base)
     elif slots.random:
         pick = wire.numgen(1, n, True, base)
     elif slots.hash is None:
@@ -214,7 +218,7 @@ def _scheduler(svc: Service, slots: sched.Slots, inet: bool, dyn_map: str) -> by
             key += wire.port(True, wire.reg(4 + wire.slots(alen)))
             length += 4
         pick = dep + key + wire.jhash(wire.reg(4), 1, length, n, svc.sid, base)
-    return wire.counter() + wire.priority_set(pick)
+    return wire.counter() + wire.priority_set(pick) + goto
 
 
 def _client(svc: Service, dreg: int, inet: bool) -> bytes:
@@ -267,7 +271,7 @@ def service_chain(w: Writer, svc: Service, slots: sched.Slots, timeouts: Timeout
                    + wire.priority_set(wire.immediate(1, wire.u32(base + i))) + pick)
     if slots.table:
         prefix = _mark(svc) + b"".join(timeout_rules) if fold else b""
-        w.rule(INET, chain, prefix + _scheduler(svc, slots, True, "dyn") + pick)
+        w.rule(INET, chain, prefix + _scheduler(svc, slots, True))
     else:
         w.rule(INET, chain, wire.jump(GOTO, "unreachable"))
 
@@ -330,7 +334,7 @@ def direct_service_rules(svc: Service, slots: sched.Slots) -> list[bytes]:
         rules += [_persisted(svc, d, "persist", False) + wire.jump(GOTO, direct.rs_chain(d))
                   for d in svc.dests]
     if slots.table:
-        rules.append(_scheduler(svc, slots, False, "ddyn") + wire.jump(GOTO, "pick"))
+        rules.append(_scheduler(svc, slots, False))
     else:
         rules.append(wire.jump(GOTO, "unreachable"))
     return rules
