@@ -36,8 +36,8 @@ from ipvs2nft.nft import scratch
 OURS = (("inet", "ipvs2nft"), ("ip", "ipvs2nft"), ("ip6", "ipvs2nft"))
 # Chains that the rules of every service jump to (build.py, direct.py): a
 # change that adds or removes such a rule changes their use count.
-JUMPED_TO = tuple(("inet", "ipvs2nft", name) for name in ("pick4", "pick6", "dyn4", "dyn6", "unreachable")) + tuple(
-    (family, "ipvs2nft", name) for family in ("ip", "ip6") for name in ("pick", "dyn", "unreachable"))
+JUMPED_TO = tuple(("inet", "ipvs2nft", name) for name in ("pick4", "pick6", "dyn4", "dyn6", "unreachable")) \
+    + tuple((family, "ipvs2nft", name) for family in ("ip", "ip6") for name in ("pick", "dyn", "unreachable"))
 MANY = 256  # more touched chains than this: read them all instead
 _MASK = (1 << 64) - 1
 
