@@ -21,6 +21,7 @@ class _Daemon:
 
         self.store = Store()
         self.counters: dict[str, int] = {}
+        self.sessions: list = []  # the sessions carry_out made (Daemon.absorb takes them in)
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ class LiveTable:
                 self.state.loads[svc.key] = {}
                 changed.add(svc.key)
                 continue
-            if before != svc:
+            if before is not svc and before != svc:  # the daemon keeps unchanged services as they were
                 changed.add(svc.key)
                 self._thresholds_changed(before, svc)
                 if before.scheduler != svc.scheduler:

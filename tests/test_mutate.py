@@ -121,3 +121,36 @@ def test_a_locked_store_is_left_to_the_caller(tmp_path, daemon, monkeypatch):
     assert daemon() == 0
     status, _, _ = oracle.call(cli.main, ["-A", "-t", "10.0.0.1:80"], None, "ipvsadm")
     assert status == 0 and daemon() == 1
+
+
+def test_the_daemon_follows_its_own_changes_without_reading_the_file(tmp_path, daemon, monkeypatch):
+    """Carried-out calls are taken in from their commits (no reload of the
+    whole state file, tests/test_daemon_absorb.py); a call made beside the
+    daemon is still followed, and after both the daemon holds the store's
+    generation and services."""
+    from ipvs2nft.cli import ipvsadm as cli
+
+    def served(argv):
+        before = daemon()
+        status, _, err = oracle.call(cli.main, argv, None, "ipvsadm")
+        assert status == 0, err
+        assert daemon() == before + 1
+
+    served(["-A", "-t", "10.0.0.1:80", "-s", "wlc"])
+    reloads = control.ask("status")["reloads"]
+    served(["-a", "-t", "10.0.0.1:80", "-r", "10.0.1.1", "-m"])
+    served(["-A", "-t", "10.0.0.2:80"])
+    served(["-D", "-t", "10.0.0.1:80"])
+    status = control.ask("status")
+    assert status["reloads"] == reloads and status["absorbed"] >= 3 and status["stale"] == 0, status
+    assert (status["generation"], status["services"]) == (Store().read().generation, 1)
+
+    monkeypatch.setenv("IPVS2NFT_DAEMON", "no")
+    assert oracle.call(cli.main, ["-A", "-t", "10.0.0.3:80"], None, "ipvsadm")[0] == 0
+    monkeypatch.delenv("IPVS2NFT_DAEMON")
+    served(["-A", "-t", "10.0.0.4:80"])
+    deadline = time.monotonic() + 5
+    while (status := control.ask("status"))["generation"] != Store().read().generation:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    assert status["services"] == 3 and status["reloads"] > reloads

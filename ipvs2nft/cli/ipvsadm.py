@@ -67,6 +67,9 @@ class Session:
         self.table: Table | None = None  # batch: the table as the lines change it
         self.after_commit: list[Callable[[], None]] = []
         self.observed: set = set()  # services whose scheduler state was read
+        # what each commit of mutate() wrote: (keys, generation read, the state written); the daemon
+        # follows its own changes from these instead of reading the whole state file again
+        self.commits: list[tuple[object, int, Snapshot]] = []
 
     # ---------------------------------------------------------- reading
     def full_table(self) -> Table:
@@ -98,7 +101,7 @@ class Session:
             else:
                 old = self.store.read_services(keys)
             current = self._observe(old.table.copy(), keys)
-            self._commit(old, change(current))
+            self.commits.append((keys, old.generation, self._commit(old, change(current))))
 
     def _observe(self, table: Table, keys) -> Table:
         """Bring the scheduler state of the touched services up to date,
@@ -116,7 +119,7 @@ class Session:
                     fresh.append(svc)
         return self.backend.observe(table, fresh) if fresh else table
 
-    def _commit(self, old: Snapshot, new_table: Table) -> None:
+    def _commit(self, old: Snapshot, new_table: Table) -> Snapshot:
         """Stage the new state, change the kernel, then publish the state.
 
         A full disk fails at the staging, a kernel refusal discards the staged
@@ -152,6 +155,7 @@ class Session:
 
             control.tell("changed")  # the daemon publishes its live choices for the new table now
             _warn_approximated(self.store, prepared.table)
+        return prepared
 
     def check(self, reader: bool = False) -> None:
         """Before any command: the kernel must do what the store says.
@@ -218,7 +222,7 @@ class Session:
 
     def end_batch(self) -> None:
         if self.snapshot.header_only or self.table != self.snapshot.table:
-            self._commit(self.snapshot, self.table)
+            self.commits.append((None, self.snapshot.generation, self._commit(self.snapshot, self.table)))
         for action in self.after_commit:
             action()
 

@@ -85,6 +85,7 @@ class Daemon:
         self.table = Table()
         self.generation = 0
         self.identity = None
+        self.sessions: list = []  # the sessions of the change being carried out (mutate._session)
         self.live = LiveTable()
         self.estimator = Estimator()
         self.dirty: set = set()
@@ -229,8 +230,56 @@ class Daemon:
         except IpvsadmError as exc:
             _log(f"cannot read the state file: {exc.message}")
             return
-        changed = self.live.set_table(snapshot.table)
-        self.table, self.generation = snapshot.table, snapshot.generation
+        self.counters["reloads"] = self.counters.get("reloads", 0) + 1
+        self._take(snapshot.table, snapshot.generation, repair)
+
+    def absorb(self) -> None:
+        """Take in the daemon's own changes (the ipvsadm calls it carried
+        out, its extensions' mutations) from what their commits wrote,
+        instead of decoding the whole state file again: at 10,000 services
+        that read costs a quarter of a second that the next ipvsadm call
+        would wait for.  A change that did not go through us shows as a
+        generation we did not write, and then the file is read as a whole."""
+        sessions, self.sessions = self.sessions, []
+        commits = [c for s in sessions for c in s.commits]
+        if not commits or not self._absorb(commits):
+            self.follow()
+
+    def _absorb(self, commits) -> bool:
+        from ipvs2nft.errors import IpvsadmError
+
+        table, generation = self.table.copy(), self.generation
+        for keys, read_generation, prepared in commits:
+            if read_generation != generation:
+                return False  # someone else wrote in between
+            written = prepared.table
+            if keys is None:
+                table = written.copy()
+            else:
+                for key in keys:
+                    if written.find(key) is None and table.find(key) is not None:
+                        table.remove(key)
+                for svc in written.services:
+                    table.put(svc)
+                table.timeouts, table.daemons, table.snat = written.timeouts, written.daemons, written.snat
+            generation = prepared.generation
+        try:
+            st = os.stat(self.store.path)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            on_disk = self.store.read_services(()).generation  # the header only
+        except (OSError, IpvsadmError):
+            return False
+        if on_disk != generation:
+            return False
+        self.identity = identity
+        self.counters["absorbed"] = self.counters.get("absorbed", 0) + 1
+        self._take(table, generation)
+        return True
+
+    def _take(self, table: Table, generation: int, repair: bool = False) -> None:
+        """Follow a new table: the live counts, then the published choices."""
+        changed = self.live.set_table(table)
+        self.table, self.generation = table, generation
         handle = self._handle()
         if repair or handle != self.table_handle:
             self.publisher.forget()  # the table was rebuilt: nothing we wrote is left
@@ -322,8 +371,10 @@ class Daemon:
         from ipvs2nft.cli.ipvsadm import _session
 
         host.forget()
-        _session().mutate(keys, change)
-        self.reload()
+        session = _session()
+        session.mutate(keys, change)
+        self.sessions.append(session)
+        self.absorb()
 
     # ------------------------------------------------------------ connections
     def on_events(self) -> None:
@@ -532,13 +583,14 @@ class Daemon:
                 return
             if data.startswith(mutate.REQUEST):  # an ipvsadm call to carry out
                 conn.settimeout(mutate.ANSWER_TIMEOUT)
+                self.sessions = []
                 done = mutate.carry_out(self, data)
                 if done is not None:
                     try:
                         conn.sendall(done)
                     except OSError:
                         pass
-                    self.follow()
+                    self.absorb()
                     return
             request = control.parse_request(data)
             if request is None:
@@ -563,6 +615,7 @@ class Daemon:
             return {"ok": True}
         if op == "status":
             return {"ok": True, "services": sum(1 for _ in self.table.services),
+                    "generation": self.generation,
                     "connections": len(self.live.conns), **self.counters, "lag": _percentiles(self.lags),
                     "cpu": _cpu_seconds()}
         if op == "lag":  # the lag samples so far, then start afresh (bench/daemon.py)

@@ -105,8 +105,9 @@ def fields(data: bytes) -> list[str] | None:
 
 def carry_out(daemon, data: bytes) -> bytes | None:
     """The answer to a run request (None: malformed).  The caller sends it,
-    then follows the state file (``Daemon.follow``): the answer need not
-    wait for the daemon's own bookkeeping."""
+    then takes in what the command changed (``Daemon.absorb`` of
+    ``daemon.sessions``): the answer need not wait for the daemon's own
+    bookkeeping."""
     found = fields(data)
     if found is None:
         return None
@@ -177,4 +178,6 @@ def _session(daemon):
 
         backend = daemon._mutation_backend = open_backend(store)
     backend.store = store
-    return cli.Session(store=store, backend=backend, in_daemon=True)
+    session = cli.Session(store=store, backend=backend, in_daemon=True)
+    daemon.sessions.append(session)  # Daemon.absorb takes in what its commits wrote
+    return session

@@ -207,6 +207,8 @@ class Publisher:
             if here is not None:
                 live = dynsched.LiveState(live.loads, live.localities, {**live.sched, svc.key: here})
         slots = dynsched.slots(svc, live, sequence)
+        if not slots.dyn:  # no real server: the rule does not consult dyn (build.py), nothing to write
+            return [], accounted
         if sequence:
             states.extend((count + i, st) for i, st in enumerate(sequence))
         k = len(slots.dyn) or prediction_k
