@@ -59,6 +59,7 @@ def _daemon(store: Store) -> tuple[SimpleNamespace, list]:
     fake = SimpleNamespace(store=store, table=snapshot.table, generation=snapshot.generation,
                            counters={}, identity=None)
     fake._take = lambda table, generation, repair=False: taken.append((table, generation))
+    fake._file_identity = lambda: Daemon._file_identity(fake)
     return fake, taken
 
 

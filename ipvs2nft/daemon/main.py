@@ -85,7 +85,7 @@ class Daemon:
         self.table = Table()
         self.generation = 0
         self.identity = None
-        self.sessions: list = []  # the sessions of the change being carried out (mutate._session)
+        self.sessions: list = []  # the sessions of the ipvsadm call being carried out (mutate._session)
         self.live = LiveTable()
         self.estimator = Estimator()
         self.dirty: set = set()
@@ -198,13 +198,17 @@ class Daemon:
     # ------------------------------------------------------------ the model
     def follow(self) -> None:
         """Reload the state file when ipvsadm replaced it."""
+        if self._file_identity() != self.identity:
+            self.reload()
+
+    def _file_identity(self) -> tuple | None:
+        """The state file's inode, size and mtime: it is only ever replaced
+        (store.py), so the same identity is the same content."""
         try:
             st = os.stat(self.store.path)
-            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
-            identity = None
-        if identity != self.identity:
-            self.reload()
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def reload(self, repair: bool = False) -> None:
         """Read the state file; with ``repair``, first make our tables what it
@@ -220,11 +224,7 @@ class Daemon:
                 _session().check()
             except IpvsadmError as exc:
                 _log(f"cannot repair the ruleset: {exc.message}")
-        try:
-            st = os.stat(self.store.path)
-            self.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            self.identity = None
+        self.identity = self._file_identity()
         try:
             snapshot = self.store.read()
         except IpvsadmError as exc:
@@ -233,14 +233,13 @@ class Daemon:
         self.counters["reloads"] = self.counters.get("reloads", 0) + 1
         self._take(snapshot.table, snapshot.generation, repair)
 
-    def absorb(self) -> None:
+    def absorb(self, sessions: list) -> None:
         """Take in the daemon's own changes (the ipvsadm calls it carried
         out, its extensions' mutations) from what their commits wrote,
         instead of decoding the whole state file again: at 10,000 services
         that read costs a quarter of a second that the next ipvsadm call
         would wait for.  A change that did not go through us shows as a
         generation we did not write, and then the file is read as a whole."""
-        sessions, self.sessions = self.sessions, []
         commits = [c for s in sessions for c in s.commits]
         if not commits or not self._absorb(commits):
             self.follow()
@@ -263,13 +262,12 @@ class Daemon:
                     table.put(svc)
                 table.timeouts, table.daemons, table.snat = written.timeouts, written.daemons, written.snat
             generation = prepared.generation
+        identity = self._file_identity()  # before the read: a later writer shows in either
         try:
-            st = os.stat(self.store.path)
-            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-            on_disk = self.store.read_services(()).generation  # the header only
-        except (OSError, IpvsadmError):
+            on_disk = self.store.read_header().generation
+        except IpvsadmError:
             return False
-        if on_disk != generation:
+        if identity is None or on_disk != generation:
             return False
         self.identity = identity
         self.counters["absorbed"] = self.counters.get("absorbed", 0) + 1
@@ -373,8 +371,7 @@ class Daemon:
         host.forget()
         session = _session()
         session.mutate(keys, change)
-        self.sessions.append(session)
-        self.absorb()
+        self.absorb([session])
 
     # ------------------------------------------------------------ connections
     def on_events(self) -> None:
@@ -590,7 +587,7 @@ class Daemon:
                         conn.sendall(done)
                     except OSError:
                         pass
-                    self.absorb()
+                    self.absorb(self.sessions)
                     return
             request = control.parse_request(data)
             if request is None:

@@ -191,7 +191,7 @@ class Publisher:
         if self._still_right(svc, live, record):
             return record.dyn, record.accounted
         count = self.position(svc)
-        k = prediction_k = dynsched.prediction_length(svc)
+        k = dynsched.prediction_length(svc)
         accounted = record.accounted
         if (accounted is None or accounted > count or svc.persistent or svc.scheduler in dynsched.LOCALITY
                 or direct.is_direct(svc)):  # direct flows are polled, not reported one by one
@@ -211,9 +211,9 @@ class Publisher:
             return [], accounted
         if sequence:
             states.extend((count + i, st) for i, st in enumerate(sequence))
-        k = len(slots.dyn) or prediction_k
+        k = len(slots.dyn)
         base = build.slot_base(svc)
-        at = count % k if k else 0
+        at = count % k
         wanted = [0] * k
         for i, j in enumerate(slots.dyn):
             wanted[(at + i) % k] = base + (j if j >= 0 else build.NO_SLOT)
